@@ -1,0 +1,1 @@
+"""Checkpoints: HuggingFace import/export and (later) orbax training state."""

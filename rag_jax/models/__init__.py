@@ -1,0 +1,1 @@
+"""Pure Flax (linen) networks: DPR/BERT towers and BART. No losses here."""
