@@ -191,9 +191,14 @@ def _to_flax(value: np.ndarray, rule: Rule, shape: tuple[int, ...]) -> np.ndarra
     if rule.kind == "linear":
         if value.ndim != 2:
             raise ValueError(f"expected a 2-D Linear weight, got shape {value.shape}")
-        value = value.T
-    elif rule.kind != "copy":
+        n_in, n_out = int(np.prod(shape[: rule.in_dims])), int(np.prod(shape[rule.in_dims :]))
+        if value.shape != (n_out, n_in):
+            raise ValueError(f"Linear weight of shape {value.shape} does not fit kernel shape {shape}")
+        return value.T.reshape(shape)
+    if rule.kind != "copy":
         raise ValueError(f"unknown rule kind {rule.kind}")
+    if value.ndim == len(shape) and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"shape {value.shape} does not fit parameter shape {shape}")
     if int(np.prod(value.shape)) != int(np.prod(shape)):
         raise ValueError(f"shape {value.shape} does not fit parameter shape {shape}")
     return value.reshape(shape)
@@ -204,10 +209,8 @@ def _to_hf(value: np.ndarray, rule: Rule) -> np.ndarray:
     if rule.kind == "linear":
         n_in = int(np.prod(value.shape[: rule.in_dims]))
         return value.reshape(n_in, -1).T
-    if value.ndim >= 2 and rule.flax.endswith("bias"):
-        return value.reshape(-1)
     if rule.flax.endswith("bias") and value.ndim > 1:
-        return value.reshape(-1)
+        return value.reshape(-1)  # [heads, head_dim] biases are flat in torch
     return value
 
 
