@@ -55,12 +55,52 @@ def logical_partition_specs(boxed_tree: Any) -> Any:
     return nn.get_partition_spec(boxed_tree)
 
 
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes from dims they do not divide (those dims are replicated).
+
+    BART's vocabulary (50265) is odd, so ``vocab -> tensor`` cannot split it;
+    replicating that one dimension keeps every other rule in force instead of
+    failing or padding the checkpoint.
+    """
+    out = []
+    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        kept = []
+        size = shape[i]
+        for name in names:
+            n = mesh.shape[name]
+            if size % n == 0:
+                kept.append(name)
+                size //= n
+        out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+    return PartitionSpec(*out)
+
+
+def leaf_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
+) -> PartitionSpec:
+    """The mesh PartitionSpec of one array with logical axis ``names``."""
+    return fit_spec(logical_to_mesh_spec(names, rules), shape, mesh)
+
+
 def mesh_shardings(
     boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
 ) -> Any:
-    """NamedShardings for every leaf of a (possibly abstract) boxed param tree."""
-    specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+    """NamedShardings for every leaf of a (possibly abstract) boxed param tree.
+
+    Leaves that are not ``nn.Partitioned`` (none of ours are) are replicated.
+    """
+
+    def one(leaf: Any) -> NamedSharding:
+        if isinstance(leaf, nn.Partitioned):
+            return NamedSharding(mesh, leaf_spec(leaf.names, leaf.value.shape, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def logical_to_mesh_spec(
