@@ -211,3 +211,18 @@ def test_real_minilm_matches_pytorch_cls():
     # Real embeddings carry meaning: the question is closest to itself, and
     # differs from the other sentences.
     assert np.linalg.norm(np.asarray(got)[0] - np.asarray(got)[1]) > 1.0
+
+
+def test_bf16_compute_with_f32_params(dpr_dirs):
+    import jax.numpy as jnp
+
+    from rag_jax.encoder import load_encoder
+
+    path, _ = dpr_dirs["question_proj"]
+    ids, mask, types = _batch()
+    f32 = rag_jax.load_encoder(path).encode(ids, mask, types)
+    enc = load_encoder(path, dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(enc.params))
+    bf16 = enc.encode(ids, mask, types)
+    assert bf16.dtype == jnp.float32
+    assert 0 < _rel_err(bf16, f32) < 3e-2
