@@ -141,6 +141,7 @@ def bert_wordpiece_from_vocab(vocab_file: str | os.PathLike, lowercase: bool = T
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
     return tok
 
 
@@ -151,8 +152,10 @@ def bart_bpe_from_files(vocab_json: str | os.PathLike, merges_txt: str | os.Path
     tok.decoder = decoders.ByteLevel()
     vocab = tok.get_vocab()
     tok.post_processor = processors.RobertaProcessing(
-        sep=("</s>", vocab["</s>"]), cls=("<s>", vocab["<s>"]), trim_offsets=True, add_prefix_space=False
+        ("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]), trim_offsets=True, add_prefix_space=False
     )
+    # Registered as special so they are never split and decode can skip them.
+    tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>") if t in vocab])
     return tok
 
 
