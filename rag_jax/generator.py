@@ -1,0 +1,63 @@
+"""``rag_jax.load_generator``: a BART generator with its tokenizer."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rag_jax.checkpoint import hf_bart, hf_io
+from rag_jax.data.tokenize import TOKENIZER_FILES, TextTokenizer, maybe_load_tokenizer
+from rag_jax.models.bart import Bart, BartConfig
+
+
+def logits_fn(config: BartConfig):  # noqa: ANN201 - returns a pure function
+    """Pure ``(params, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask) -> [B, T, V]``."""
+    model = Bart(config)
+
+    def apply(params: Any, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array,
+              decoder_attention_mask: jax.Array | None = None) -> jax.Array:
+        return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+
+    return apply
+
+
+class Generator:
+    """BART: ``.logits(...)`` over the pure ``apply_fn``; ``.save_hf`` exports."""
+
+    def __init__(self, config: BartConfig, params: Any, tokenizer: TextTokenizer | None = None) -> None:
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.model = Bart(config)
+        self.apply_fn = logits_fn(config)
+        self._jitted = jax.jit(self.apply_fn)
+
+    def logits(self, input_ids: Any, attention_mask: Any, decoder_input_ids: Any,
+               decoder_attention_mask: Any = None) -> jax.Array:
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).astype(jnp.int32)
+        return self._jitted(
+            self.params, input_ids, jnp.asarray(attention_mask, jnp.int32),
+            jnp.asarray(decoder_input_ids, jnp.int32), decoder_attention_mask,
+        )
+
+    def save_hf(self, path: str | os.PathLike) -> None:
+        state, hf_config = hf_bart.bart_to_hf(self.config, self.params)
+        extra = {}
+        if self.tokenizer is not None and self.tokenizer.source_dir:
+            extra = {
+                n: os.path.join(self.tokenizer.source_dir, n)
+                for n in TOKENIZER_FILES
+                if os.path.isfile(os.path.join(self.tokenizer.source_dir, n))
+            }
+        hf_io.write_hf_dir(path, state, hf_config, extra)
+
+
+def load_generator(path: str | os.PathLike, dtype: Any = jnp.float32) -> Generator:
+    """Loads an HF ``BartForConditionalGeneration`` directory."""
+    config, params = hf_bart.load_bart(path, dtype=dtype)
+    params = jax.tree.map(jnp.asarray, params)
+    return Generator(config, params, maybe_load_tokenizer(path, "bart"))

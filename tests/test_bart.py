@@ -1,0 +1,198 @@
+"""BART generator: parity with transformers, cached decoding, round trip, bad input."""
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from safetensors.numpy import load_file, save_file
+
+import rag_jax
+from rag_jax.checkpoint.hf_io import CheckpointError
+from rag_jax.generator import load_generator
+from rag_jax.models.bart import Bart, decode_step, init_cache, reorder_cache
+from rag_jax.parallel import rules as R
+from rag_jax.parallel.mesh import make_mesh
+from transformers import BartConfig as HFBartConfig
+from transformers import BartForConditionalGeneration
+
+BASE = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=40,
+            init_std=0.5, dropout=0.0)
+VARIANTS = {
+    "gelu": {},
+    "relu_scaled": dict(activation_function="relu", scale_embedding=True),
+    "deep_encoder": dict(encoder_layers=3, decoder_layers=1, scale_embedding=True),
+    "shallow_encoder": dict(encoder_layers=1, decoder_layers=3, activation_function="gelu_new"),
+}
+
+
+def _init_big(model, std=0.5):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, std)
+        model.final_logits_bias.normal_(0.0, std)
+
+
+@pytest.fixture(scope="module")
+def bart_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bart")
+    out = {}
+    for name, extra in VARIANTS.items():
+        model = BartForConditionalGeneration(HFBartConfig(**{**BASE, **extra})).eval()
+        _init_big(model)
+        model.save_pretrained(root / name)
+        out[name] = (root / name, model)
+    return out
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 96, (3, 9))
+    lens = [9, 5, 2]
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lens):
+        mask[i, :n] = 1
+    ids = np.where(mask == 1, ids, 1)  # pad id 1, ragged
+    dec = rng.integers(3, 96, (3, 6))
+    dec[:, 0] = 2
+    return ids, mask, dec
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_transformers(bart_dirs, name):
+    path, ref = bart_dirs[name]
+    gen = rag_jax.load_generator(path)
+    ids, mask, dec = _inputs()
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                   decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    got = gen.logits(ids, mask, dec)
+    assert got.shape == want.shape == (3, 6, 96)
+    assert _rel_err(got, want) < 1e-5
+
+
+def test_cached_decoding_equals_full_forward(bart_dirs):
+    path, _ = bart_dirs["deep_encoder"]
+    gen = rag_jax.load_generator(path)
+    ids, mask, dec = _inputs(1)
+    full = gen.logits(ids, mask, dec)
+    model, params = gen.model, gen.params
+    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
+    cache = init_cache(model, params, enc, jnp.asarray(mask), max_length=8)
+    step = jax.jit(lambda c, t: decode_step(model, params, c, t, jnp.asarray(mask)))
+    outs = []
+    for t in range(dec.shape[1]):
+        logits, cache = step(cache, dec[:, t : t + 1])
+        outs.append(logits)
+    assert _rel_err(jnp.concatenate(outs, axis=1), full) < 1e-5
+    # Two tokens at once after a cached prefix (a forced prefix) also agree.
+    cache = init_cache(model, params, enc, jnp.asarray(mask), max_length=8)
+    first, cache = decode_step(model, params, cache, dec[:, :2], jnp.asarray(mask))
+    rest, cache = decode_step(model, params, cache, dec[:, 2:5], jnp.asarray(mask))
+    assert _rel_err(jnp.concatenate([first, rest], axis=1), full[:, :5]) < 1e-5
+
+
+def test_reorder_cache_follows_beams(bart_dirs):
+    path, _ = bart_dirs["gelu"]
+    gen = rag_jax.load_generator(path)
+    ids, mask, dec = _inputs(2)
+    model, params = gen.model, gen.params
+    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
+    cache = init_cache(model, params, enc, jnp.asarray(mask), 6)
+    _, cache = decode_step(model, params, cache, dec[:, :1], jnp.asarray(mask))
+    perm = jnp.array([2, 0, 1])
+    moved = reorder_cache(cache, perm)
+    logits, _ = decode_step(model, params, moved, dec[perm, 1:2], jnp.asarray(mask)[perm])
+    full = gen.logits(ids[perm], mask[perm], dec[perm, :2])
+    assert _rel_err(logits[:, 0], full[:, 1]) < 1e-5
+
+
+def test_bf16_compute_f32_params(bart_dirs):
+    path, _ = bart_dirs["gelu"]
+    ids, mask, dec = _inputs()
+    f32 = rag_jax.load_generator(path).logits(ids, mask, dec)
+    gen = load_generator(path, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(gen.params))
+    got = gen.logits(ids, mask, dec)
+    assert got.dtype == jnp.float32
+    assert 0 < _rel_err(got, f32) < 5e-2
+
+
+def test_round_trip_to_transformers(bart_dirs, tmp_path):
+    path, ref = bart_dirs["relu_scaled"]
+    rag_jax.load_generator(path).save_hf(tmp_path / "out")
+    back = BartForConditionalGeneration.from_pretrained(tmp_path / "out")
+    want, got = ref.state_dict(), back.state_dict()
+    assert set(want) == set(got)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key].numpy(), value.numpy(), err_msg=key)
+
+
+def test_params_logical_axes_and_sharded_forward(bart_dirs):
+    path, _ = bart_dirs["gelu"]
+    gen = rag_jax.load_generator(path)
+    mesh = make_mesh((2, 2, 2))
+    ids, mask, dec = _inputs()
+    boxed = jax.eval_shape(lambda: gen.model.init(jax.random.PRNGKey(0), ids, mask, dec))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    assert all(n in R.LOGICAL_AXES for x in leaves for n in x.names)
+    shardings = R.mesh_shardings(boxed, mesh)
+    for leaf, sh in zip(leaves, jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
+        assert sh.spec == R.leaf_spec(leaf.names, leaf.value.shape, mesh)
+    assert shardings["shared"]["embedding"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert shardings["decoder_layers_0"]["encoder_attn"]["out"]["kernel"].spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
+    sharded = jax.device_put(gen.params, shardings)
+    got = jax.jit(gen.apply_fn)(sharded, ids, mask, dec)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(gen.logits(ids, mask, dec)), rtol=1e-5, atol=1e-4)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_extra_weights_named(bart_dirs, tmp_path):
+    d = _copy(bart_dirs["gelu"][0], tmp_path / "missing")
+    state = load_file(str(d / "model.safetensors"))
+    del state["model.decoder.layers.1.fc2.bias"]
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="decoder_layers_1/fc2/bias"):
+        rag_jax.load_generator(d)
+    d = _copy(bart_dirs["gelu"][0], tmp_path / "extra")
+    state = load_file(str(d / "model.safetensors"))
+    state["model.encoder.layer_norm.weight"] = np.ones(32, np.float32)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.encoder\.layer_norm\.weight"):
+        rag_jax.load_generator(d)
+
+
+def test_untied_lm_head_refused(bart_dirs, tmp_path):
+    d = _copy(bart_dirs["gelu"][0], tmp_path / "untied")
+    state = load_file(str(d / "model.safetensors"))
+    state["lm_head.weight"] = state["model.shared.weight"] + 1.0
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        rag_jax.load_generator(d)
+
+
+@pytest.mark.parametrize("key,value", [("normalize_before", True), ("add_final_layer_norm", True),
+                                       ("activation_function", "mish"), ("brand_new_flag", 1)])
+def test_unsupported_config_named(bart_dirs, tmp_path, key, value):
+    d = _copy(bart_dirs["gelu"][0], tmp_path / "cfg")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[key] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=key if key != "activation_function" else "mish"):
+        rag_jax.load_generator(d)
