@@ -1,0 +1,186 @@
+"""grain input pipeline over the TFDS QA dataset: shuffled, sharded, resumable.
+
+Order of operations and why:
+  source -> shard (static, equal sizes) -> shuffle(seed) -> repeat -> batch
+* Sharding first, by stride, gives every process a disjoint slice; truncating
+  to equal sizes keeps all processes stepping in lock-step (a multi-host jit
+  step hangs if one host runs out of batches first).
+* grain's shuffle folds the epoch into the seed, so every epoch differs yet
+  the whole stream is a pure function of (seed, shard, position).
+* Batches have a fixed size (drop remainder) so the jitted step never
+  recompiles. Evaluation instead pads the final batch and marks the padding.
+The iterator's state is grain's (``{"next_index": n}``-like, JSON-safe); it is
+saved next to the model checkpoint and restoring it yields the same batches.
+Rows stay raw strings: tokenization belongs to the trainer.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from rag_jax.data import tfds_builders
+
+
+def _text(x: Any) -> str:
+    return x.decode("utf-8") if isinstance(x, (bytes, np.bytes_)) else str(x)
+
+
+def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """TFDS row (bytes) -> python strings."""
+    return {
+        "question": _text(row["question"]),
+        "answer": _text(row["answer"]),
+        "answers": [_text(a) for a in row["answers"]],
+        "qid": int(row["qid"]),
+    }
+
+
+def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Rows -> one batch: lists of strings, numpy arrays for numbers."""
+    return {
+        "question": [r["question"] for r in rows],
+        "answer": [r["answer"] for r in rows],
+        "answers": [list(r["answers"]) for r in rows],
+        "qid": np.asarray([r["qid"] for r in rows], np.int64),
+        "mask": np.asarray([r.get("valid", True) for r in rows], bool),
+    }
+
+
+def process_shard() -> tuple[int, int]:
+    """(index, count) of this process among all JAX processes."""
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def shard_dataset(ds: grain.MapDataset, index: int, count: int, equal: bool = True) -> grain.MapDataset:
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} outside [0, {count})")
+    n = len(ds)
+    if equal:
+        per = n // count
+        if per == 0:
+            raise ValueError(f"{n} rows cannot feed {count} processes (need at least one row each)")
+        return ds[index : per * count : count]
+    return ds[index::count]
+
+
+class QALoader:
+    """Iterator of fixed-size batches with a saveable position.
+
+    ``get_state()`` returns a JSON-safe dict; ``set_state`` on a loader built
+    with the same arguments continues with exactly the batches the saved one
+    would have produced next.
+    """
+
+    def __init__(self, ds: grain.MapDataset, num_threads: int, description: dict[str, Any]):
+        self._ds = ds
+        opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1))
+        self._iter_ds = ds.to_iter_dataset(opts)
+        self._it = iter(self._iter_ds)
+        self.description = description
+
+    def __iter__(self) -> "QALoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._it)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def get_state(self) -> dict[str, Any]:
+        state = dict(self._it.get_state())
+        # The description travels with the state so a restore into a pipeline
+        # built differently (other seed, batch, shard) is caught, not silently wrong.
+        return {"grain": state, "pipeline": self.description}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if "grain" not in state:
+            raise ValueError(f"not a QALoader state: keys {sorted(state)}")
+        saved = state.get("pipeline")
+        if saved is not None and json.loads(json.dumps(saved)) != json.loads(json.dumps(self.description)):
+            raise ValueError(f"data state was saved by a different pipeline: saved {saved}, now {self.description}")
+        self._it = iter(self._iter_ds)
+        self._it.set_state(dict(state["grain"]))
+
+
+def make_loader(
+    source: Any,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    drop_remainder: bool = True,
+    num_threads: int = 2,
+) -> QALoader:
+    """Batches of QA rows from a random-access ``source`` (TFDS data source or list).
+
+    ``batch_size`` is per process. ``num_epochs=None`` repeats forever
+    (training); evaluation passes ``num_epochs=1, shuffle=False,
+    drop_remainder=False``, which pads the last batch (``mask`` False on pads).
+    Shard defaults come from ``jax.process_index()/process_count()``.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if shard_index is None or shard_count is None:
+        shard_index, shard_count = process_shard()
+    ds = grain.MapDataset.source(source)
+    ds = shard_dataset(ds, shard_index, shard_count, equal=drop_remainder)
+    n_rows = len(ds)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.map(decode_row)
+    if num_epochs is None:
+        ds = ds.repeat(None)
+    elif num_epochs > 1:
+        ds = ds.repeat(num_epochs)
+    if drop_remainder:
+        if n_rows < batch_size and num_epochs is not None:
+            raise ValueError(f"{n_rows} rows per process cannot fill one batch of {batch_size}")
+        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
+    else:
+        # Every process gets as many batches as the largest shard needs, so
+        # sharded eval programs stay in lock-step across hosts.
+        total = len(source)
+        longest = -(-total // shard_count)
+        ds = _padded_batches(ds, batch_size, -(-longest // batch_size))
+    desc = {
+        "rows": n_rows, "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+        "num_epochs": num_epochs, "shard": [shard_index, shard_count],
+        "drop_remainder": drop_remainder,
+    }
+    return QALoader(ds, num_threads, desc)
+
+
+def _padded_batches(ds: grain.MapDataset, batch_size: int, n_batches: int) -> grain.MapDataset:
+    n = len(ds)
+    pad_row = {"question": "", "answer": "", "answers": [], "qid": -1, "valid": False}
+
+    def get(i: int) -> dict[str, Any]:
+        rows = [ds[j] if j < n else pad_row for j in range(i * batch_size, (i + 1) * batch_size)]
+        return collate(rows)
+
+    return grain.MapDataset.range(n_batches).map(get)
+
+
+def qa_loader_from_dir(
+    dataset_dir: str | os.PathLike, split: str, batch_size: int, **kw: Any
+) -> QALoader:
+    """``make_loader`` over a split of a dataset built by ``build_qa_dataset``."""
+    return make_loader(tfds_builders.open_split(dataset_dir, split), batch_size, **kw)
+
+
+def iterate_records(loader: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Unbatches (dropping padding), for evaluation code that wants rows."""
+    for b in loader:
+        for i, ok in enumerate(b["mask"]):
+            if ok:
+                yield {k: b[k][i] for k in ("question", "answer", "answers", "qid")}
