@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 import rag_jax
 from rag_jax.checkpoint.hf_io import CheckpointError
 from rag_jax.generator import load_generator
-from rag_jax.models.bart import Bart, decode_step, init_cache, reorder_cache
+from rag_jax.models.bart import Bart, decode_step, decode_tokens, init_cache, reorder_cache
 from rag_jax.parallel import rules as R
 from rag_jax.parallel.mesh import make_mesh
 from transformers import BartConfig as HFBartConfig
@@ -90,17 +90,50 @@ def test_cached_decoding_equals_full_forward(bart_dirs):
     model, params = gen.model, gen.params
     enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
     cache = init_cache(model, params, enc, jnp.asarray(mask), max_length=8)
-    step = jax.jit(lambda c, t: decode_step(model, params, c, t, jnp.asarray(mask)))
+    step = jax.jit(lambda c, t: decode_step(model, params, c, t, enc, jnp.asarray(mask)))
     outs = []
     for t in range(dec.shape[1]):
         logits, cache = step(cache, dec[:, t : t + 1])
+        assert logits.shape == (3, 96) and logits.dtype == jnp.float32
         outs.append(logits)
-    assert _rel_err(jnp.concatenate(outs, axis=1), full) < 1e-5
-    # Two tokens at once after a cached prefix (a forced prefix) also agree.
+    assert int(cache["decoder_layers_0"]["self_attn"]["cache_index"]) == dec.shape[1]
+    assert _rel_err(jnp.stack(outs, axis=1), full) < 1e-5
+    # Several tokens at once after a cached prefix (a forced prefix) also agree.
     cache = init_cache(model, params, enc, jnp.asarray(mask), max_length=8)
-    first, cache = decode_step(model, params, cache, dec[:, :2], jnp.asarray(mask))
-    rest, cache = decode_step(model, params, cache, dec[:, 2:5], jnp.asarray(mask))
+    first, cache = decode_tokens(model, params, cache, dec[:, :2], enc, jnp.asarray(mask))
+    rest, cache = decode_tokens(model, params, cache, dec[:, 2:5], enc, jnp.asarray(mask))
     assert _rel_err(jnp.concatenate([first, rest], axis=1), full[:, :5]) < 1e-5
+
+
+def test_decode_step_inside_while_loop(bart_dirs):
+    """Greedy decoding in lax.while_loop with fixed shapes equals greedy
+    decoding by repeated full forward passes."""
+    path, _ = bart_dirs["shallow_encoder"]
+    gen = rag_jax.load_generator(path)
+    ids, mask, _ = _inputs(3)
+    model, params, steps = gen.model, gen.params, 5
+    enc_mask = jnp.asarray(mask)
+
+    @jax.jit
+    def greedy(params):
+        enc = model.apply({"params": params}, ids, enc_mask, method=Bart.encode)
+        cache = init_cache(model, params, enc, enc_mask, steps)
+        out = jnp.full((ids.shape[0], steps + 1), 2, jnp.int32)
+
+        def body(state):
+            t, out, cache = state
+            logits, cache = decode_step(model, params, cache, jax.lax.dynamic_slice_in_dim(out, t, 1, 1), enc, enc_mask)
+            out = jax.lax.dynamic_update_slice_in_dim(out, jnp.argmax(logits, -1)[:, None].astype(jnp.int32), t + 1, 1)
+            return t + 1, out, cache
+
+        return jax.lax.while_loop(lambda s: s[0] < steps, body, (0, out, cache))[1]
+
+    got = np.asarray(greedy(params))
+    want = np.full((ids.shape[0], 1), 2)
+    for _ in range(steps):
+        nxt = np.argmax(np.asarray(gen.logits(ids, mask, want))[:, -1], -1)
+        want = np.concatenate([want, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_reorder_cache_follows_beams(bart_dirs):
@@ -110,12 +143,13 @@ def test_reorder_cache_follows_beams(bart_dirs):
     model, params = gen.model, gen.params
     enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
     cache = init_cache(model, params, enc, jnp.asarray(mask), 6)
-    _, cache = decode_step(model, params, cache, dec[:, :1], jnp.asarray(mask))
-    perm = jnp.array([2, 0, 1])
+    _, cache = decode_step(model, params, cache, dec[:, :1], enc, jnp.asarray(mask))
+    # Reorder and expand at once (beam search: 3 rows -> 4 hypotheses).
+    perm = jnp.array([2, 0, 0, 1])
     moved = reorder_cache(cache, perm)
-    logits, _ = decode_step(model, params, moved, dec[perm, 1:2], jnp.asarray(mask)[perm])
+    logits, _ = decode_step(model, params, moved, dec[perm, 1:2], None, jnp.asarray(mask)[perm])
     full = gen.logits(ids[perm], mask[perm], dec[perm, :2])
-    assert _rel_err(logits[:, 0], full[:, 1]) < 1e-5
+    assert _rel_err(logits, full[:, 1]) < 1e-5
 
 
 def test_bf16_compute_f32_params(bart_dirs):

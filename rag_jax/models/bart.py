@@ -207,9 +207,16 @@ def init_cache(
     model: Bart, params: Any, encoder_hidden: jax.Array, encoder_mask: jax.Array, max_length: int
 ) -> Any:
     """Self-attention caches of ``max_length`` zeros and cross-attention K/V
-    projected once from ``encoder_hidden``."""
+    projected once from ``encoder_hidden``.
+
+    ``max_length`` must be a Python int (it fixes the cache shape, so the
+    decoding loop never recompiles). Leaves: per decoder layer
+    ``self_attn/{cached_key,cached_value}`` ``[N, max_length, H, Dh]``,
+    ``self_attn/cache_index`` (int32 scalar), ``encoder_attn/{cross_key,
+    cross_value}`` ``[N, L_enc, H, Dh]``, all in the compute dtype.
+    """
     n = encoder_hidden.shape[0]
-    dummy = jnp.zeros((n, max_length), jnp.int32)
+    dummy = jnp.zeros((n, int(max_length)), jnp.int32)
     _, variables = model.apply(
         {"params": params}, dummy, encoder_hidden, encoder_mask, decode=True, method=Bart.decode, mutable=["cache"]
     )
@@ -217,17 +224,28 @@ def init_cache(
 
 
 def cache_position(cache: Any) -> jax.Array:
-    """Number of tokens already decoded into ``cache``."""
+    """Number of tokens already decoded into ``cache`` (int32 scalar)."""
     return cache["decoder_layers_0"]["self_attn"]["cache_index"]
 
 
-def decode_step(
-    model: Bart, params: Any, cache: Any, token_ids: jax.Array, encoder_mask: jax.Array
+def decode_tokens(
+    model: Bart,
+    params: Any,
+    cache: Any,
+    token_ids: jax.Array,
+    encoder_hidden: jax.Array | None,
+    encoder_mask: jax.Array,
 ) -> tuple[jax.Array, Any]:
-    """One (or a few) tokens ``[N, t]`` -> logits ``[N, t, V]`` and the advanced cache."""
+    """Feeds ``t`` tokens ``[N, t]`` after the cached ones (e.g. a forced
+    prefix) -> logits ``[N, t, V]`` float32 and the advanced cache.
+
+    ``encoder_hidden`` is not read (the cross-attention K/V are in the
+    cache); it is accepted so callers can pass what they have.
+    """
+    del encoder_hidden
     logits, variables = model.apply(
         {"params": params, "cache": cache},
-        token_ids,
+        jnp.asarray(token_ids, jnp.int32),
         None,
         encoder_mask,
         decode=True,
@@ -238,8 +256,30 @@ def decode_step(
     return logits, variables["cache"]
 
 
+def decode_step(
+    model: Bart,
+    params: Any,
+    cache: Any,
+    token_ids: jax.Array,
+    encoder_hidden: jax.Array | None,
+    encoder_mask: jax.Array,
+) -> tuple[jax.Array, Any]:
+    """One token per row (``[N, 1]`` or ``[N]``) -> next-token logits
+    ``[N, V]`` float32 and the advanced cache. Shapes are fixed, so it can run
+    inside ``lax.while_loop``; the cache must not overflow ``max_length``
+    (``dynamic_update_slice`` would silently clamp the write)."""
+    token_ids = jnp.asarray(token_ids, jnp.int32).reshape(-1, 1)
+    logits, cache = decode_tokens(model, params, cache, token_ids, encoder_hidden, encoder_mask)
+    return logits[:, -1], cache
+
+
 def reorder_cache(cache: Any, index: jax.Array) -> Any:
-    """Gathers cache rows (beam search reordering / expansion)."""
+    """Gathers cache rows along the batch axis: beam reordering, or expanding
+    ``[B]`` rows to ``[B * beams]`` with ``index = jnp.repeat(jnp.arange(B), beams)``.
+
+    Every leaf has the batch first except the scalar ``cache_index``s, which
+    all rows share (every row is at the same step), so they stay as they are.
+    """
     return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, index, axis=0), cache)
 
 
