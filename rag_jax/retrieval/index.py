@@ -329,14 +329,17 @@ def build_index(
     corpus_checksum: str | None = None,
     scann_params: ScannParams | dict | None = None,
     overwrite: bool = False,
-    move_embeddings: bool = False,
+    move_inputs: bool = False,
+    prebuilt: "ScannIndex | None" = None,
 ) -> Path:
     """Builds an index directory atomically and returns its path.
 
     ``embeddings`` is a store (or its path) or an array; a store's encoder
     fingerprint and corpus checksum carry over unless given here. With
     ``include_corpus`` the corpus directory is copied into ``out/corpus``.
-    ``move_embeddings`` renames the store into the index instead of copying.
+    ``move_inputs`` renames the store (and corpus) into the index instead of
+    copying them (for a build pipeline's own intermediate directories).
+    ``prebuilt`` saves an already built :class:`ScannIndex` over the same rows.
     """
     if kind not in ("scann", "exact"):
         raise ValueError(f"index kind must be 'scann' or 'exact', got {kind!r}")
@@ -358,11 +361,13 @@ def build_index(
             raise IndexMismatchError(f"{n_emb} embeddings but corpus {corpus.path} has {len(corpus)} passages")
     out = Path(out_dir)
     tmp = atomic_dir(out, overwrite)
+    moved: list[tuple[Path, Path]] = []
     try:
         t0 = time.perf_counter()
         if isinstance(embeddings, EmbeddingStore):
-            if move_embeddings:
+            if move_inputs:
                 os.rename(embeddings.path, tmp / "embeddings")
+                moved.append((tmp / "embeddings", embeddings.path))
             else:
                 shutil.copytree(embeddings.path, tmp / "embeddings")
             store = EmbeddingStore(tmp / "embeddings")
@@ -379,20 +384,32 @@ def build_index(
             "corpus_checksum": corpus_checksum,
         }
         if kind == "scann":
-            if isinstance(scann_params, dict) or scann_params is None:
-                scann_params = ScannParams.for_size(store.count, **(scann_params or {}))
-            data = store.to_array()
-            ScannIndex.build(data, scann_params).serialize(tmp / "scann")
-            del data
+            if prebuilt is not None:
+                if (prebuilt.count, prebuilt.dim) != store.shape:
+                    raise ValueError(f"prebuilt ScaNN index is {prebuilt.count}x{prebuilt.dim}, embeddings {store.shape}")
+                scann_params = prebuilt.params
+                prebuilt.serialize(tmp / "scann")
+            else:
+                if isinstance(scann_params, dict) or scann_params is None:
+                    scann_params = ScannParams.for_size(store.count, **(scann_params or {}))
+                data = store.to_array()
+                ScannIndex.build(data, scann_params).serialize(tmp / "scann")
+                del data
             manifest["scann"] = asdict(scann_params)
         if include_corpus and corpus is not None:
-            shutil.copytree(corpus.path, tmp / "corpus")
+            if move_inputs:
+                os.rename(corpus.path, tmp / "corpus")
+                moved.append((tmp / "corpus", corpus.path))
+            else:
+                shutil.copytree(corpus.path, tmp / "corpus")
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
         manifest["search_bytes"] = _dir_bytes(tmp / "scann") if kind == "scann" else store.count * store.dim * 4
         # The manifest goes last: its presence is what marks the directory complete.
         (tmp / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
         commit_dir(tmp, out)
     except BaseException:
+        for src, dst in moved:  # hand moved inputs back so a failed build loses no encoding work
+            os.rename(src, dst)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
