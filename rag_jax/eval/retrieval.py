@@ -1,0 +1,66 @@
+"""Answer recall@k of retrieval, DPR-style ``has_answer``.
+
+A passage counts as a hit when the token sequence of a normalized gold
+answer occurs contiguously in the normalized passage tokens (whole tokens,
+so "art" does not match inside "start"). Normalization is the SQuAD one plus
+Unicode NFD (as DPR) so accented and composed forms agree.
+"""
+from __future__ import annotations
+
+import unicodedata
+from typing import Sequence
+
+import numpy as np
+
+from rag_jax.eval.qa import normalize_answer
+
+
+def _tokens(text: str) -> list[str]:
+    return normalize_answer(unicodedata.normalize("NFD", text)).split()
+
+
+def _contains(hay: list[str], needle: list[str]) -> bool:
+    n = len(needle)
+    if n == 0:
+        return False
+    first = needle[0]
+    for i in range(len(hay) - n + 1):
+        if hay[i] == first and hay[i : i + n] == needle:
+            return True
+    return False
+
+
+def has_answer(passage: str, answers: Sequence[str]) -> bool:
+    """True when any gold answer's normalized tokens appear in the passage."""
+    hay = _tokens(passage)
+    return any(_contains(hay, _tokens(a)) for a in answers)
+
+
+def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[str]]) -> np.ndarray:
+    """bool [B, K]: passage k of question b contains a gold answer of b."""
+    if len(passages) != len(answers):
+        raise ValueError(f"{len(passages)} passage lists vs {len(answers)} answer lists")
+    widths = {len(p) for p in passages}
+    if len(widths) > 1:
+        raise ValueError(f"every question needs the same number of passages, got {sorted(widths)}")
+    k = widths.pop() if widths else 0
+    out = np.zeros((len(passages), k), bool)
+    for b, (ps, golds) in enumerate(zip(passages, answers)):
+        gold_toks = [t for t in (_tokens(a) for a in golds) if t]
+        for j, p in enumerate(ps):
+            hay = _tokens(p)
+            out[b, j] = any(_contains(hay, g) for g in gold_toks)
+    return out
+
+
+def recall_at_k(hits: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of questions with a hit among the first k passages, per k."""
+    hits = np.asarray(hits, bool)
+    if hits.ndim != 2:
+        raise ValueError(f"hits must be [B, K], got shape {hits.shape}")
+    out = {}
+    for k in ks:
+        if not 1 <= k <= hits.shape[1]:
+            raise ValueError(f"k={k} outside [1, {hits.shape[1]}]")
+        out[int(k)] = float(hits[:, :k].any(axis=1).mean()) if hits.shape[0] else 0.0
+    return out

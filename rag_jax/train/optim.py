@@ -1,0 +1,172 @@
+"""Optimizer: AdamW with warm-up + decay, global-norm clipping, HF-style
+weight-decay exclusions and frozen subtrees.
+
+Matches HF ``finetune_rag.py`` (``transformers.get_*_schedule_with_warmup``
+plus torch AdamW) step for step: optax evaluates the schedule at the number of
+updates already applied, as torch's LambdaLR does, so the first update uses
+lr(0) = 0 under warm-up, exactly like HF.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("polynomial", "linear", "constant")
+
+# A module is a norm layer when a path component is, or is delimited as, one
+# of these words: "attention_ln", "ln_f", "layernorm", "LayerNorm",
+# "final_layer_norm", "embeddings_ln", "encoder_ln_embedding", "norm".
+_NORM_MODULE = re.compile(r"(^|_)(ln|layernorm|layer_norm|norm|rmsnorm)(_|$|\d)", re.IGNORECASE)
+
+
+def make_schedule(
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    kind: str = "polynomial",
+    end_lr: float = 1e-7,
+    power: float = 1.0,
+) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr``, then ``kind`` decay.
+
+    polynomial: HF ``get_polynomial_decay_schedule_with_warmup`` (to
+    ``end_lr`` at ``total_steps`` with ``power``, then held); linear: the same
+    with ``end_lr=0, power=1`` (HF ``get_linear_schedule_with_warmup``);
+    constant: HF ``get_constant_schedule_with_warmup``.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
+    if lr <= 0:
+        raise ValueError(f"learning rate must be > 0, got {lr}")
+    if warmup_steps < 0 or total_steps <= 0:
+        raise ValueError(f"bad steps: warmup {warmup_steps}, total {total_steps}")
+    if kind == "polynomial" and not end_lr < lr:
+        raise ValueError(f"end_lr ({end_lr}) must be below lr ({lr})")
+    if kind == "linear":
+        end_lr, power = 0.0, 1.0
+    warm = max(warmup_steps, 1)
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        step = jnp.asarray(count, jnp.float32)
+        warm_lr = lr * step / warm
+        if kind == "constant":
+            after = jnp.asarray(lr, jnp.float32)
+        else:
+            remaining = jnp.clip(1.0 - (step - warmup_steps) / decay_steps, 0.0, 1.0)
+            after = (lr - end_lr) * remaining**power + end_lr
+        return jnp.where(step < warmup_steps, warm_lr, after)
+
+    return schedule
+
+
+def _names(path: Sequence[Any]) -> list[str]:
+    out = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                out.append(str(getattr(p, attr)))
+                break
+        else:
+            out.append(str(p))
+    return out
+
+
+def path_name(path: Sequence[Any]) -> str:
+    return "/".join(_names(path))
+
+
+def is_no_decay(path: Sequence[Any]) -> bool:
+    """HF's no_decay rule on our names: any bias, and the scale of a norm layer."""
+    names = _names(path)
+    if not names:
+        return False
+    leaf = names[-1]
+    if "bias" in leaf.lower():
+        return True
+    return any(_NORM_MODULE.search(n) for n in names[:-1]) or "norm" in leaf.lower()
+
+
+def decay_mask(params: Any) -> Any:
+    """Tree of bools, True where weight decay applies."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: not is_no_decay(p), params)
+
+
+def freeze_labels(params: Any, frozen: Sequence[str] = ()) -> Any:
+    """'frozen' for leaves whose path (``a/b/c``) starts with a prefix in ``frozen``."""
+    prefixes = [f.strip("/") for f in frozen]
+
+    def label(path: Sequence[Any], _: Any) -> str:
+        name = path_name(path)
+        for pre in prefixes:
+            if name == pre or name.startswith(pre + "/"):
+                return "frozen"
+        return "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def check_frozen_prefixes(params: Any, frozen: Sequence[str]) -> None:
+    """Fails on a prefix that matches no parameter (a typo would freeze nothing)."""
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pre in frozen:
+        pre = pre.strip("/")
+        if not any(n == pre or n.startswith(pre + "/") for n in names):
+            top = sorted({n.split("/")[0] for n in names})
+            raise ValueError(f"frozen prefix {pre!r} matches no parameter; top-level names: {top}")
+
+
+def make_optimizer(
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    *,
+    schedule: str = "polynomial",
+    end_lr: float = 1e-7,
+    power: float = 1.0,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    frozen: Sequence[str] = (),
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(transformation, schedule). ``frozen`` path prefixes get zero updates.
+
+    Clipping sees only trainable gradients (torch clips only parameters that
+    require grad), and frozen leaves carry no Adam moments.
+    """
+    sched = make_schedule(lr, warmup_steps, total_steps, schedule, end_lr, power)
+    parts = []
+    if max_grad_norm is not None and max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    tx = optax.chain(*parts)
+    if frozen:
+        frozen = tuple(frozen)
+        tx = optax.multi_transform(
+            {"train": tx, "frozen": optax.set_to_zero()},
+            lambda params: freeze_labels(params, frozen),
+        )
+    return tx, sched
+
+
+def optimizer_from_config(train_cfg: Any, frozen: Sequence[str] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """From a config's ``train`` block (see configs/base.py)."""
+    return make_optimizer(
+        train_cfg.lr,
+        train_cfg.warmup_steps,
+        train_cfg.steps,
+        schedule=train_cfg.schedule,
+        end_lr=train_cfg.end_lr,
+        weight_decay=train_cfg.weight_decay,
+        max_grad_norm=train_cfg.max_grad_norm,
+        b1=train_cfg.adam_b1,
+        b2=train_cfg.adam_b2,
+        eps=train_cfg.adam_eps,
+        frozen=frozen,
+    )
