@@ -208,7 +208,7 @@ def small(tmp_path_factory):
     corpus = _corpus(root / "corpus", n)
     docs = clustered_embeddings(n, 32, num_clusters=40, seed=5)
     store = write_store(docs, root / "emb", shard_rows=1000, encoder_fingerprint="enc-A", corpus_checksum=corpus.checksum)
-    params = dict(brute_force=False, num_leaves=40, num_leaves_to_search=8, reorder_k=100)
+    params = dict(brute_force=False, num_leaves=40, num_leaves_to_search=12, reorder_k=100)
     # k-means training is randomised: keep the very searcher that was saved, to compare after loading.
     fresh = ScannIndex.build(docs, ScannParams.for_size(n, **params))
     path = build_index(store, root / "index", kind="scann", corpus=corpus, include_corpus=True, prebuilt=fresh)

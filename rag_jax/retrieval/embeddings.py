@@ -39,6 +39,13 @@ def np_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
+def to_storage(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Casts float32 rows to the store dtype; bfloat16 is saved as its uint16 bits
+    (``.npy`` has no bfloat16 type) and viewed back on load."""
+    out = np.asarray(block, np.float32).astype(np_dtype(dtype))
+    return out.view(np.uint16) if dtype == "bfloat16" else out
+
+
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.npy"
 
@@ -77,6 +84,8 @@ class EmbeddingStore:
         total = 0
         for name in self.manifest["shards"]:
             arr = np.load(self.path / name, mmap_mode="r")
+            if self.dtype == "bfloat16":
+                arr = arr.view(np_dtype("bfloat16"))
             if arr.ndim != 2 or arr.shape[1] != self.dim:
                 raise ValueError(f"{self.path / name}: shape {arr.shape}, expected [*, {self.dim}]")
             self._shards.append(arr)
@@ -169,7 +178,7 @@ def write_store(
     try:
         names = []
         for i, start in enumerate(range(0, max(len(array), 1), shard_rows)):
-            block = np.asarray(array[start : start + shard_rows], np.float32).astype(np_dtype(dtype))
+            block = to_storage(array[start : start + shard_rows], dtype)
             save_npy_atomic(tmp / shard_name(i), block)
             names.append(shard_name(i))
         write_store_manifest(tmp, array.shape[1], len(array), dtype, shard_rows, names, encoder_fingerprint, corpus_checksum, **extra)

@@ -29,6 +29,7 @@ from rag_jax.retrieval.embeddings import (
     np_dtype,
     save_npy_atomic,
     shard_name,
+    to_storage,
     write_store_manifest,
 )
 
@@ -209,7 +210,7 @@ def encode_corpus(
                 pending = (result, n)
             if pending is not None:
                 pieces.append(_fetch(*pending, bar))
-            block = np.concatenate(pieces).astype(np_dtype(dtype))
+            block = to_storage(np.concatenate(pieces), dtype)
             dim = block.shape[1]
             save_npy_atomic(out / names[s], block)
         if dim is None:

@@ -330,6 +330,7 @@ def build_index(
     scann_params: ScannParams | dict | None = None,
     overwrite: bool = False,
     move_inputs: bool = False,
+    move_corpus: bool | None = None,
     prebuilt: "ScannIndex | None" = None,
 ) -> Path:
     """Builds an index directory atomically and returns its path.
@@ -337,8 +338,9 @@ def build_index(
     ``embeddings`` is a store (or its path) or an array; a store's encoder
     fingerprint and corpus checksum carry over unless given here. With
     ``include_corpus`` the corpus directory is copied into ``out/corpus``.
-    ``move_inputs`` renames the store (and corpus) into the index instead of
-    copying them (for a build pipeline's own intermediate directories).
+    ``move_inputs`` renames the store (and, unless ``move_corpus=False``, the
+    corpus) into the index instead of copying them (for a build pipeline's own
+    intermediate directories).
     ``prebuilt`` saves an already built :class:`ScannIndex` over the same rows.
     """
     if kind not in ("scann", "exact"):
@@ -397,7 +399,7 @@ def build_index(
                 del data
             manifest["scann"] = asdict(scann_params)
         if include_corpus and corpus is not None:
-            if move_inputs:
+            if move_inputs if move_corpus is None else move_corpus:
                 os.rename(corpus.path, tmp / "corpus")
                 moved.append((tmp / "corpus", corpus.path))
             else:

@@ -1,0 +1,168 @@
+"""``rag-jax build-index`` and ``rag-jax search`` (registered by ``rag_jax.cli``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build-index",
+        help="passages -> corpus store -> document embeddings -> ScaNN/exact index directory",
+        description=(
+            "Builds a retrieval index directory from a passages file. Intermediate work (corpus store, "
+            "embedding shards) lives in OUT.work and is resumed if the command is killed and re-run; "
+            "OUT appears only when complete."
+        ),
+    )
+    src = p.add_argument_group("passages")
+    src.add_argument("--passages", help="DPR TSV (id, text, title; header; quoted text) or JSONL {id, title, text}")
+    src.add_argument("--corpus", help="an existing corpus directory (instead of --passages)")
+    src.add_argument("--split-words", type=int, default=0,
+                     help="treat the file as raw documents and split them into passages of N words (DPR: 100)")
+    emb = p.add_argument_group("embeddings (encode with --encoder, or import precomputed ones)")
+    emb.add_argument("--encoder", help="document (context) encoder directory: HF DPRContextEncoder or BERT")
+    emb.add_argument("--embeddings-pkl", help="glob of DPR wikipedia_passages_*.pkl (id, vector) shards to import")
+    emb.add_argument("--embeddings-npy", help="[N, D] .npy array to import (with --embeddings-ids)")
+    emb.add_argument("--embeddings-ids", help="ids of the .npy rows: text file (one per line), .json or .npy list")
+    emb.add_argument("--batch-size", type=int, default=64, help="global encoding batch (split over all devices)")
+    emb.add_argument("--max-length", type=int, default=256, help="passage token length ([CLS] title [SEP] text [SEP])")
+    emb.add_argument("--shard-rows", type=int, default=0, help="rows per embedding shard (default 64 batches)")
+    emb.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                     help="storage dtype of the document embeddings")
+    emb.add_argument("--token-types", choices=["zeros", "pair"], default="zeros",
+                     help="segment ids fed to the encoder: all zeros (DPR, HF RAG) or 0/1 per pair member")
+    idx = p.add_argument_group("index")
+    idx.add_argument("--out", required=True, help="index directory to create")
+    idx.add_argument("--index-type", choices=["scann", "exact"], default="scann")
+    idx.add_argument("--num-leaves", type=int, help="ScaNN tree leaves (default ~sqrt(N))")
+    idx.add_argument("--num-leaves-to-search", type=int, help="ScaNN leaves searched per query (default ~5%%)")
+    idx.add_argument("--reorder-k", type=int, help="ScaNN candidates re-scored exactly (default 200)")
+    idx.add_argument("--reorder-dtype", choices=["int8", "bfloat16", "float32", "none"],
+                     help="ScaNN re-ordering vectors (default int8: a quarter of float32 memory)")
+    idx.add_argument("--training-sample-size", type=int, help="ScaNN k-means/AH training sample")
+    idx.add_argument("--brute-force", action="store_true", default=None, help="ScaNN brute force (small corpora)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_build_index)
+
+
+def run_build_index(args: argparse.Namespace) -> int:
+    from rag_jax.retrieval.corpus import Corpus, build_corpus
+    from rag_jax.retrieval.embeddings import EmbeddingStore, import_embeddings
+    from rag_jax.retrieval.encode import encode_corpus
+    from rag_jax.retrieval.index import build_index
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} already exists (use --overwrite)")
+    if bool(args.passages) == bool(args.corpus):
+        raise ValueError("give exactly one of --passages FILE or --corpus DIR")
+    sources = [bool(args.encoder), bool(args.embeddings_pkl), bool(args.embeddings_npy)]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of --encoder, --embeddings-pkl or --embeddings-npy")
+    progress = not args.no_progress
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    if args.corpus:
+        corpus = Corpus(args.corpus)
+    else:
+        cdir = work / "corpus"
+        if (cdir / "manifest.json").is_file():
+            corpus = Corpus(cdir)
+            if corpus.manifest.get("source") != str(Path(args.passages).resolve()):
+                raise ValueError(f"{work} holds a corpus from {corpus.manifest.get('source')}; delete it to start over")
+            print(f"[build-index] reusing corpus store {cdir} ({len(corpus)} passages)")
+        else:
+            corpus = build_corpus(args.passages, cdir, split_words=args.split_words or None, progress=progress)
+            print(f"[build-index] corpus: {len(corpus)} passages ({time.perf_counter() - t0:.1f}s)")
+
+    edir = work / "embeddings"
+    fingerprint = None
+    if args.encoder:
+        import rag_jax
+
+        encoder = rag_jax.load_encoder(args.encoder)
+        fingerprint = encoder.fingerprint()
+        t1 = time.perf_counter()
+        store = encode_corpus(
+            corpus, encoder, edir, batch_size=args.batch_size, shard_rows=args.shard_rows or None,
+            max_length=args.max_length, dtype=args.dtype, token_types=args.token_types, progress=progress,
+        )
+        dt = time.perf_counter() - t1
+        print(f"[build-index] encoded {len(corpus)} passages in {dt:.1f}s ({len(corpus) / max(dt, 1e-9):.1f} passages/s)")
+    elif (edir / "embeddings.json").is_file():
+        store = EmbeddingStore(edir)
+    else:
+        store = import_embeddings(
+            corpus, edir, dpr_pickles=args.embeddings_pkl, npy=args.embeddings_npy, ids=args.embeddings_ids,
+            dtype=args.dtype, progress=progress,
+        )
+        print(f"[build-index] imported {store.count} x {store.dim} embeddings")
+
+    overrides = {
+        "num_leaves": args.num_leaves, "num_leaves_to_search": args.num_leaves_to_search,
+        "reorder_k": args.reorder_k, "reorder_dtype": args.reorder_dtype,
+        "training_sample_size": args.training_sample_size, "brute_force": args.brute_force,
+    }
+    t2 = time.perf_counter()
+    build_index(
+        store, out, kind=args.index_type, corpus=corpus, include_corpus=True, encoder_fingerprint=fingerprint,
+        scann_params={k: v for k, v in overrides.items() if v is not None}, overwrite=args.overwrite,
+        move_inputs=True, move_corpus=not args.corpus,
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(
+        f"[build-index] {args.index_type} index of {manifest['count']} x {manifest['dim']} in "
+        f"{time.perf_counter() - t2:.1f}s -> {out} (search structure {manifest['search_bytes'] / max(manifest['count'], 1):.0f} "
+        f"bytes/passage; total {time.perf_counter() - t0:.1f}s)"
+    )
+    return 0
+
+
+def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("search", help="top-k passages for questions from an index directory")
+    p.add_argument("questions", nargs="+", help="one or more questions")
+    p.add_argument("--index", required=True, help="index directory from build-index")
+    p.add_argument("--encoder", required=True, help="question encoder directory (HF DPRQuestionEncoder or BERT)")
+    p.add_argument("--corpus", help="corpus directory, if not inside the index")
+    p.add_argument("-k", type=int, default=5, help="passages per question")
+    p.add_argument("--max-length", type=int, default=64, help="question token length")
+    p.add_argument("--json", action="store_true", help="print one JSON object per question")
+    p.set_defaults(func=run_search)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    import rag_jax
+    from rag_jax.retrieval.encode import encode_queries
+    from rag_jax.retrieval.retriever import Retriever
+
+    retriever = Retriever(args.index, corpus=args.corpus)
+    encoder = rag_jax.load_encoder(args.encoder)
+    if encoder.dim != retriever.index.dim:
+        raise ValueError(f"question encoder dimension {encoder.dim} != index dimension {retriever.index.dim}")
+    q = encode_queries(encoder, args.questions, max_length=args.max_length)
+    res = retriever.retrieve(q, args.k)
+    for i, question in enumerate(args.questions):
+        if args.json:
+            hits = [
+                {"id": str(res.ids[i, j]), "title": res.titles[i][j], "score": float(res.scores[i, j]),
+                 "text": res.texts[i][j]}
+                for j in range(args.k)
+            ]
+            print(json.dumps({"question": question, "hits": hits}, ensure_ascii=False))
+            continue
+        print(f"Q: {question}")
+        for j in range(args.k):
+            text = res.texts[i][j]
+            snippet = text if len(text) <= 100 else text[:97] + "..."
+            print(f"  {j + 1:2d}. id={res.ids[i, j]}  score={res.scores[i, j]:.4f}  {res.titles[i][j]}  |  {snippet}")
+    sys.stdout.flush()
+    return 0
