@@ -1,0 +1,88 @@
+"""Shared defaults for every rag_jax training config.
+
+Other configs start from ``get_config()`` here and override. Launch with
+``python launch/train.py --config=configs/x.py --config.train.lr=1e-5 --workdir=DIR``.
+"""
+import ml_collections
+
+from rag_jax.parallel.rules import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.variant = "sequence"  # RAG-Sequence | RAG-Token ("token")
+    # HF directories (DPRQuestionEncoder / BertModel, BartForConditionalGeneration).
+    # Empty: a random model with the ``tiny`` shapes below.
+    m.question_encoder = ""
+    m.generator = ""
+    m.dtype = "bfloat16"  # compute dtype
+    m.param_dtype = "float32"
+    m.dropout = 0.1  # None keeps the checkpoint's own dropout settings
+    m.tiny = ml_collections.ConfigDict()
+    m.tiny.question_encoder = ml_collections.ConfigDict(dict(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    ))
+    m.tiny.generator = ml_collections.ConfigDict(dict(
+        vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+    ))
+
+    c.data = d = ml_collections.ConfigDict()
+    d.train_file = ""
+    d.dev_file = ""
+    d.test_file = ""
+    d.format = "auto"  # dpr_csv | jsonl | seq2seq | auto (from the file name)
+    d.dataset_dir = ""  # where the TFDS array_record dataset is built; "" = workdir/data
+    d.max_source_length = 128  # question tokens
+    d.max_target_length = 25  # answer tokens
+    d.max_combined_length = 300  # "title / text // question" per doc (HF)
+    d.num_threads = 2  # grain read threads per process
+
+    c.retrieval = r = ml_collections.ConfigDict()
+    r.index_dir = ""
+    r.n_docs = 5
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.per_device_batch_size = 8
+    t.grad_accum_steps = 1
+    t.lr = 3e-5
+    t.warmup_steps = 500
+    t.schedule = "polynomial"  # polynomial | linear | constant
+    t.end_lr = 1e-7  # HF polynomial schedule default
+    t.weight_decay = 0.001
+    t.max_grad_norm = 0.1
+    t.label_smoothing = 0.1
+    t.adam_b1 = 0.9
+    t.adam_b2 = 0.999
+    t.adam_eps = 1e-8
+    t.seed = 0
+    t.exclude_bos_score = False
+    # Ablations from the paper: frozen retriever, closed-book BART (no retrieval).
+    t.freeze_question_encoder = False
+    t.closed_book = False
+    t.log_every = 10
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one entry may be -1
+    c.mesh.logical_axis_rules = DEFAULT_RULES
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every = 1000
+    k.keep = 3
+    k.async_save = True
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.every = 1000
+    e.batch_size = 8
+    e.num_beams = 1  # greedy QA decoding, as the paper
+    e.max_length = 25
+    e.decoding = "thorough"
+    e.max_examples = 0  # 0 = whole split
+
+    c.multihost = False  # True: jax.distributed.initialize() before anything else
+    return c

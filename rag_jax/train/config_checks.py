@@ -1,0 +1,168 @@
+"""Config loading helpers and ``validate``: catch a bad config before any
+device work starts, naming the offending field."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from rag_jax.parallel.mesh import resolve_mesh_shape
+from rag_jax.parallel.rules import MESH_AXES
+from rag_jax.train.optim import SCHEDULES
+
+VARIANTS = ("sequence", "token")
+DTYPES = ("float32", "bfloat16", "float16")
+QA_FORMATS = ("auto", "dpr_csv", "jsonl", "seq2seq")
+DECODINGS = ("thorough", "fast")
+
+
+def load_config_module(path: str | os.PathLike) -> ModuleType:
+    """Imports a config file by path (as ``--config=configs/x.py`` does)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"rag_jax_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sibling(file: str, name: str) -> ModuleType:
+    """Config module ``name`` next to ``file``: configs import ``base`` this way,
+    which works whatever the current directory or sys.path."""
+    return load_config_module(Path(file).with_name(f"{name}.py"))
+
+
+def _fail(field: str, msg: str) -> ValueError:
+    return ValueError(f"config.{field}: {msg}")
+
+
+def _need(cfg: Any, field: str, kind: type | tuple[type, ...]) -> Any:
+    node = cfg
+    for part in field.split("."):
+        if part not in node:
+            raise _fail(field, "missing")
+        node = node[part]
+    if kind is float and isinstance(node, int) and not isinstance(node, bool):
+        node = float(node)
+    if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise _fail(field, f"expected {names}, got {type(node).__name__} {node!r}")
+    return node
+
+
+def validate(cfg: Any, num_devices: int | None = None) -> None:
+    """Checks types and values; ``num_devices`` also checks the mesh resolves."""
+    m = cfg.model
+    if _need(cfg, "model.variant", str) not in VARIANTS:
+        raise _fail("model.variant", f"{m.variant!r} not in {VARIANTS}")
+    for f in ("model.dtype", "model.param_dtype"):
+        if _need(cfg, f, str) not in DTYPES:
+            raise _fail(f, f"not in {DTYPES}")
+    _need(cfg, "model.question_encoder", str)
+    _need(cfg, "model.generator", str)
+    if not m.question_encoder or not m.generator:
+        # Empty paths mean tiny random models: their shapes must be given.
+        for f in ("model.tiny.question_encoder", "model.tiny.generator"):
+            node = _need(cfg, f, object)
+            for k, v in node.items():
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise _fail(f"{f}.{k}", f"expected a positive int, got {v!r}")
+    d = _need(cfg, "model.dropout", (float, type(None)))
+    if d is not None and not 0.0 <= d < 1.0:
+        raise _fail("model.dropout", f"{d} outside [0, 1)")
+
+    if _need(cfg, "data.format", str) not in QA_FORMATS:
+        raise _fail("data.format", f"{cfg.data.format!r} not in {QA_FORMATS}")
+    for f in ("data.train_file", "data.dev_file", "data.test_file", "data.dataset_dir"):
+        _need(cfg, f, str)
+    for f in ("data.max_source_length", "data.max_target_length", "data.max_combined_length"):
+        if _need(cfg, f, int) <= 0:
+            raise _fail(f, "must be positive")
+    if cfg.data.max_combined_length < cfg.data.max_source_length:
+        raise _fail("data.max_combined_length", "shorter than max_source_length")
+    if _need(cfg, "data.num_threads", int) <= 0:
+        raise _fail("data.num_threads", "must be positive")
+
+    _need(cfg, "retrieval.index_dir", str)
+    if _need(cfg, "retrieval.n_docs", int) <= 0:
+        raise _fail("retrieval.n_docs", "must be positive")
+
+    t = cfg.train
+    for f in ("train.steps", "train.per_device_batch_size", "train.grad_accum_steps", "train.log_every"):
+        if _need(cfg, f, int) <= 0:
+            raise _fail(f, "must be positive")
+    if _need(cfg, "train.warmup_steps", int) < 0:
+        raise _fail("train.warmup_steps", "must be >= 0")
+    if _need(cfg, "train.lr", float) <= 0:
+        raise _fail("train.lr", f"must be > 0, got {t.lr}")
+    if _need(cfg, "train.schedule", str) not in SCHEDULES:
+        raise _fail("train.schedule", f"{t.schedule!r} not in {SCHEDULES}")
+    if not 0 <= _need(cfg, "train.end_lr", float) < t.lr:
+        raise _fail("train.end_lr", f"must be in [0, lr={t.lr})")
+    if _need(cfg, "train.weight_decay", float) < 0:
+        raise _fail("train.weight_decay", "must be >= 0")
+    if _need(cfg, "train.max_grad_norm", float) < 0:
+        raise _fail("train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+    if not 0 <= _need(cfg, "train.label_smoothing", float) < 1:
+        raise _fail("train.label_smoothing", "must be in [0, 1)")
+    for f in ("train.adam_b1", "train.adam_b2"):
+        if not 0 <= _need(cfg, f, float) < 1:
+            raise _fail(f, "must be in [0, 1)")
+    if _need(cfg, "train.adam_eps", float) <= 0:
+        raise _fail("train.adam_eps", "must be > 0")
+    _need(cfg, "train.seed", int)
+    for f in ("train.freeze_question_encoder", "train.closed_book", "train.exclude_bos_score"):
+        _need(cfg, f, bool)
+    if t.per_device_batch_size % t.grad_accum_steps:
+        raise _fail("train.grad_accum_steps",
+                    f"must divide per_device_batch_size {t.per_device_batch_size}")
+
+    shape = _need(cfg, "mesh.shape", (tuple, list))
+    if len(shape) != len(MESH_AXES) or not all(isinstance(s, int) for s in shape):
+        raise _fail("mesh.shape", f"expected {len(MESH_AXES)} ints for axes {MESH_AXES}, got {shape!r}")
+    try:
+        resolve_mesh_shape(shape, num_devices if num_devices is not None else _any_count(shape))
+    except ValueError as e:
+        raise _fail("mesh.shape", str(e)) from None
+    rules = _need(cfg, "mesh.logical_axis_rules", (tuple, list))
+    for i, rule in enumerate(rules):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise _fail(f"mesh.logical_axis_rules[{i}]", f"expected (name, mesh axes), got {rule!r}")
+        axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        for a in axes:
+            if a is not None and a not in MESH_AXES:
+                raise _fail(f"mesh.logical_axis_rules[{i}]", f"unknown mesh axis {a!r}; axes are {MESH_AXES}")
+
+    for f in ("checkpoint.every", "checkpoint.keep"):
+        if _need(cfg, f, int) <= 0:
+            raise _fail(f, "must be positive")
+    _need(cfg, "checkpoint.async_save", bool)
+
+    for f in ("eval.every", "eval.num_beams", "eval.max_length", "eval.batch_size"):
+        if _need(cfg, f, int) <= 0:
+            raise _fail(f, "must be positive")
+    if _need(cfg, "eval.decoding", str) not in DECODINGS:
+        raise _fail("eval.decoding", f"not in {DECODINGS}")
+    if _need(cfg, "eval.max_examples", int) < 0:
+        raise _fail("eval.max_examples", "must be >= 0 (0 = all)")
+    _need(cfg, "multihost", bool)
+
+
+def _any_count(shape: Any) -> int:
+    # Without a device count, check the fixed sizes are sane: -1 resolves to 1.
+    import math
+
+    return math.prod(s for s in shape if s != -1) if all(s == -1 or s > 0 for s in shape) else 0
+
+
+def global_batch_size(cfg: Any, num_devices: int) -> int:
+    """Examples per optimizer step (HF: batch per GPU x GPUs).
+
+    "Per device" counts batch shards: devices along ``tensor`` share one
+    batch shard, so the global batch is per-device x data x fsdp.
+    """
+    data, fsdp, _ = resolve_mesh_shape(cfg.mesh.shape, num_devices)
+    return cfg.train.per_device_batch_size * data * fsdp
