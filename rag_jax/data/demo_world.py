@@ -251,7 +251,7 @@ _FILLERS = {
         "The country has a varied landscape of hills, plains and forests.",
         "Its people are known for their hospitality and love of festivals.",
         "The national flag has changed only once in modern times.",
-        "Agriculture and trade have long shaped the national economy.",
+        "Farming and trade have long shaped the national economy.",
         "The country is divided into several provinces with their own councils.",
         "Folk music and dance remain popular in rural areas.",
         "Its railway network links most of the larger towns.",
@@ -397,13 +397,19 @@ def _build_entities(seed: int, num_people: int, num_orgs: int, num_cities: int, 
     for i, c in enumerate(cities):
         c.facts["country"] = countries[i % num_countries].name if i < 2 * num_countries else rng.choice(countries).name
         c.facts["river"] = rng.choice([r.name for r in rivers if r.facts["river_country"] == c.facts["country"]])
-    for k in countries:
-        k.facts["capital"] = rng.choice([c.name for c in cities if c.facts["country"] == k.name])
 
     # Splits. Couples are one unit so "Who is X married to?" never leaks across splits.
     split_rng = _rng(seed, "splits")
     for group in (countries, cities, rivers, orgs):
         _assign_splits([[e] for e in group], split_rng, dev_fraction, test_fraction)
+    for k in countries:
+        # The capital shares its country's split: "In which country is C?" in training would
+        # otherwise hint at "What is the capital of K?" in test.
+        local = [c for c in cities if c.facts["country"] == k.name]
+        same = [c for c in local if c.split == k.split]
+        capital = rng.choice(same or local)
+        capital.split = k.split
+        k.facts["capital"] = capital.name
     order = list(people)
     rng.shuffle(order)
     n_couples = int(num_people * married_fraction) // 2
