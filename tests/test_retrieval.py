@@ -161,15 +161,18 @@ def test_exact_matches_numpy(clustered):
     np.testing.assert_allclose(np.take_along_axis(ref, rows[:20], 1), scores[:20], rtol=1e-5, atol=1e-6)
 
 
-def test_scann_recall_on_clustered_embeddings(clustered):
-    docs, queries, exact_rows, _ = clustered
-    params = ScannParams.for_size(len(docs))
+@pytest.mark.parametrize("reorder", ["int8", "memmap"])
+def test_scann_recall_on_clustered_embeddings(clustered, reorder):
+    docs, queries, exact_rows, exact_scores = clustered
+    params = ScannParams.for_size(len(docs), reorder_dtype=reorder)
     assert not params.brute_force and params.num_leaves == 173
     idx = ScannIndex.build(docs, params)
     rows, scores = idx.search(queries, 10)
     r = recall_at_k(rows, exact_rows)
     assert r >= 0.95, r
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    if reorder == "memmap":  # re-scored from the float32 vectors: exact scores for the rows found
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, docs[rows]), rtol=1e-5)
 
 
 def test_sharded_exact_equals_unsharded():
@@ -231,11 +234,18 @@ def test_save_load_identical_results(small):
     np.testing.assert_array_equal(loaded.embeddings.get(r2[:3]), docs[r2[:3]])
     assert loaded.corpus.title(int(r2[0, 0])) == f"Title {r2[0, 0]} v1"
     # An exact index directory gives the exact top-k.
+    # ScaNN with the float32 re-ordering read from the memory-mapped store.
+    mpath = build_index(store, root / "memmap", kind="scann", corpus=corpus,
+                        scann_params=dict(brute_force=False, num_leaves=40, num_leaves_to_search=12, reorder_dtype="memmap"))
+    mloaded = load_index(mpath, corpus=corpus)
+    assert mloaded.manifest["search_bytes"] < 0.25 * docs.nbytes
+    mr, ms = mloaded.search(queries, 10)
+    np.testing.assert_allclose(ms, np.einsum("qd,qkd->qk", queries, docs[mr]), rtol=1e-5)
     epath = build_index(store, root / "exact", kind="exact", corpus=corpus)
     er, es = load_index(epath, corpus=corpus).search(queries, 10)
     xr, xs = ExactIndex(docs).search(queries, 10)
     np.testing.assert_array_equal(er, xr)
-    assert recall_at_k(r2, xr) >= 0.95
+    assert recall_at_k(r2, xr) >= 0.95 and recall_at_k(mr, xr) >= 0.95
 
 
 def test_mismatch_detection(small, tmp_path):

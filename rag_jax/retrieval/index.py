@@ -39,6 +39,7 @@ from rag_jax.retrieval.embeddings import EmbeddingStore, write_store
 INDEX_MANIFEST = "manifest.json"
 INDEX_FORMAT = "rag_jax.index/1"
 BRUTE_FORCE_BELOW = 20_000
+REORDER_DTYPES = ("int8", "bfloat16", "float32", "memmap", "none")
 
 
 class IndexMismatchError(ValueError):
@@ -190,7 +191,10 @@ class ScannParams:
     dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
     reorder_k: int = 200
-    reorder_dtype: str = "int8"  # "float32" | "int8" | "bfloat16" | "none"
+    # Where the exact re-ordering reads vectors: ScaNN's own copy ("float32",
+    # "int8", "bfloat16"), the memory-mapped float32 store ("memmap": only the
+    # hashed codes stay resident), or nowhere ("none": hashed scores only).
+    reorder_dtype: str = "int8"
     num_neighbors: int = 10
 
     @classmethod
@@ -209,8 +213,8 @@ class ScannParams:
             if not hasattr(p, key):
                 raise ValueError(f"unknown ScaNN parameter {key!r}; known: {sorted(asdict(p))}")
             setattr(p, key, type(getattr(p, key))(value))
-        if p.reorder_dtype not in ("float32", "int8", "bfloat16", "none"):
-            raise ValueError(f"reorder_dtype must be float32, int8, bfloat16 or none, got {p.reorder_dtype!r}")
+        if p.reorder_dtype not in REORDER_DTYPES:
+            raise ValueError(f"reorder_dtype must be one of {REORDER_DTYPES}, got {p.reorder_dtype!r}")
         return p
 
 
@@ -236,7 +240,7 @@ def build_scann_searcher(embeddings: np.ndarray, params: ScannParams):  # noqa: 
             training_sample_size=min(params.training_sample_size, len(db)),
         )
         b = b.score_ah(params.dims_per_block, anisotropic_quantization_threshold=params.anisotropic_quantization_threshold)
-        if params.reorder_dtype != "none":
+        if params.reorder_dtype in rtype:
             b = b.reorder(params.reorder_k, quantize=rtype[params.reorder_dtype])
     return b.build()
 
@@ -246,17 +250,19 @@ class ScannIndex:
 
     kind = "scann"
 
-    def __init__(self, searcher: Any, count: int, dim: int, params: ScannParams) -> None:
+    def __init__(self, searcher: Any, count: int, dim: int, params: ScannParams, rerank_source: Any = None) -> None:
         self.searcher = searcher
         self.count = count
         self.dim = dim
         self.params = params
+        # Anything with ``get(rows) -> float32 [..., D]`` (an EmbeddingStore) for reorder_dtype="memmap".
+        self.rerank_source = rerank_source
 
     @classmethod
     def build(cls, embeddings: np.ndarray, params: ScannParams | None = None) -> "ScannIndex":
         emb = np.asarray(embeddings, np.float32)
         params = params or ScannParams.for_size(len(emb))
-        return cls(build_scann_searcher(emb, params), emb.shape[0], emb.shape[1], params)
+        return cls(build_scann_searcher(emb, params), emb.shape[0], emb.shape[1], params, _ArrayRows(emb))
 
     def search(
         self, queries: np.ndarray, k: int, leaves_to_search: int | None = None, reorder_k: int | None = None,
@@ -266,9 +272,16 @@ class ScannIndex:
         k = _check_k(k, self.count)
         if not len(q):
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        pre = reorder_k if reorder_k is not None else (max(self.params.reorder_k, k) if self.params.reorder_dtype != "none" and not self.params.brute_force else None)
-        leaves = leaves_to_search if not self.params.brute_force else None
+        p = self.params
+        reorder_k = max(reorder_k if reorder_k is not None else p.reorder_k, k)
+        leaves = leaves_to_search if not p.brute_force else None
         fn = self.searcher.search_batched_parallel if parallel else self.searcher.search_batched
+        if p.reorder_dtype == "memmap" and not p.brute_force:
+            if self.rerank_source is None:
+                raise ValueError("reorder_dtype='memmap' needs the stored embeddings (load through load_index)")
+            cand, _ = fn(q, final_num_neighbors=min(reorder_k, self.count), leaves_to_search=leaves)
+            return rerank_exact(q, np.asarray(cand, np.int64), self.rerank_source, k)
+        pre = reorder_k if p.reorder_dtype != "none" and not p.brute_force else None
         rows, scores = fn(q, final_num_neighbors=k, pre_reorder_num_neighbors=pre, leaves_to_search=leaves)
         return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
 
@@ -278,9 +291,25 @@ class ScannIndex:
         self.searcher.serialize(str(path), relative_path=True)
 
     @classmethod
-    def load(cls, path: Path, count: int, dim: int, params: ScannParams) -> "ScannIndex":
+    def load(cls, path: Path, count: int, dim: int, params: ScannParams, rerank_source: Any = None) -> "ScannIndex":
         scann = _scann()
-        return cls(scann.scann_ops_pybind.load_searcher(str(path)), count, dim, params)
+        return cls(scann.scann_ops_pybind.load_searcher(str(path)), count, dim, params, rerank_source)
+
+
+class _ArrayRows:
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        return self.arr[rows]
+
+
+def rerank_exact(queries: np.ndarray, candidates: np.ndarray, source: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float32 scores for ``[Q, R]`` candidate rows (read from ``source``), best ``k`` kept."""
+    vecs = source.get(candidates)  # [Q, R, D]: only the candidates' rows are read
+    scores = np.einsum("qd,qrd->qr", queries, vecs)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(scores, order, 1).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -405,6 +434,7 @@ def build_index(
             else:
                 shutil.copytree(corpus.path, tmp / "corpus")
         manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+        # What must stay in RAM to search (the float32 store is memory-mapped and read per hit).
         manifest["search_bytes"] = _dir_bytes(tmp / "scann") if kind == "scann" else store.count * store.dim * 4
         # The manifest goes last: its presence is what marks the directory complete.
         (tmp / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -465,7 +495,7 @@ def load_index(
         raise ValueError(f"{root}: embeddings {store.shape} disagree with manifest ({manifest['count']}, {manifest['dim']})")
     if manifest["kind"] == "scann":
         params = ScannParams(**manifest["scann"])
-        searcher: Any = ScannIndex.load(root / "scann", store.count, store.dim, params)
+        searcher: Any = ScannIndex.load(root / "scann", store.count, store.dim, params, rerank_source=store)
     elif manifest["kind"] == "exact":
         searcher = ExactIndex(store.to_array(), mesh=mesh, axis=axis)
     else:
