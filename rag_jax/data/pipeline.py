@@ -130,6 +130,8 @@ def make_loader(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not drop_remainder and num_epochs != 1:
+        raise ValueError("padded batches (drop_remainder=False) are for one evaluation pass: set num_epochs=1")
     if shard_index is None or shard_count is None:
         shard_index, shard_count = process_shard()
     ds = grain.MapDataset.source(source)
