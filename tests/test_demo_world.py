@@ -100,8 +100,13 @@ def test_rerun_is_skipped_unless_changed(tmp_path):
     # a corrupted file is noticed and rewritten
     original = w.qa_jsonl["dev"].read_bytes()
     w.qa_jsonl["dev"].write_text("broken\n")
+    with pytest.raises(ValueError, match="dev.jsonl: sha256 differs"):
+        dw.load_world(tmp_path)
     fixed = dw.generate_world(tmp_path, seed=1, **SMALL)
     assert not fixed.skipped and w.qa_jsonl["dev"].read_bytes() == original
+    assert dw.load_world(tmp_path) == again
+    with pytest.raises(FileNotFoundError, match="no demo world"):
+        dw.load_world(tmp_path / "nowhere")
     # other parameters regenerate
     other = dw.generate_world(tmp_path, seed=1, **{**SMALL, "num_people": 130})
     assert not other.skipped and other.num_entities["person"] == 130
@@ -275,3 +280,24 @@ def test_small_worlds_keep_invariants_across_seeds(tmp_path):
                     assert all(a in passages[pid][0] for a in q["answers"])
         assert w.num_swap == len(_jsonl(w.swap)) > 0
         assert math.isclose(w.num_entities["person"], 120)
+    # no dev split asked for, none made; no revision asked for, none made
+    w = dw.generate_world(tmp_path / "nodev", seed=0, **SMALL, dev_fraction=0.0, revise_fraction=0.0)
+    assert w.num_questions["dev"] == 0 and w.num_questions["test"] > 0
+    assert w.num_swap == 0 and w.passages.read_bytes() == w.passages_revised.read_bytes()
+
+
+def test_bytes_do_not_depend_on_string_hashing(tmp_path):
+    # str hashes change per process; a set/hash-ordered loop anywhere would show up here.
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-m", "rag_jax.data.demo_world", "--out", str(out), "--seed", "5",
+                        "--num-people", "100", "--num-orgs", "20", "--num-cities", "20", "--num-countries", "4",
+                        "--num-rivers", "6"], check=True, env=env, capture_output=True)
+        digests.append((out / "manifest.json").read_bytes())
+    assert digests[0] == digests[1]

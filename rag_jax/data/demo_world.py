@@ -294,7 +294,7 @@ class _Entity:
     kind: str
     name: str  # display name, also the passage title
     split: str = "train"
-    pron: str = "they"
+    pron: str = ""  # "she"/"he" for people
     facts: dict[str, str] = field(default_factory=dict)  # relation -> object display string
 
 
@@ -330,8 +330,9 @@ def _article(word: str) -> str:
 def _split_counts(n: int, dev_fraction: float, test_fraction: float) -> tuple[int, int]:
     n_test = int(round(n * test_fraction))
     n_dev = int(round(n * dev_fraction))
-    if n >= 3:  # every split gets at least one entity of every kind that can spare one
-        n_test, n_dev = max(1, n_test), max(1, n_dev)
+    if n >= 3:  # every held-out split gets at least one entity of every kind that can spare one
+        n_test = max(1, n_test) if test_fraction > 0 else 0
+        n_dev = max(1, n_dev) if dev_fraction > 0 else 0
     if n_test + n_dev >= n:
         raise ValueError(f"demo_world: {n} entities cannot fill dev={dev_fraction} test={test_fraction}")
     return n_dev, n_test
@@ -586,6 +587,23 @@ def _cached(out: Path, params: dict) -> WorldFiles | None:
             return None
     if sorted(m.get("sha256", {})) != sorted(_FILE_NAMES):
         return None
+    return _world_files(out, m["counts"], skipped=True)
+
+
+def load_world(out_dir: str | os.PathLike) -> WorldFiles:
+    """The world already written in ``out_dir``, checked against its manifest's hashes."""
+    out = Path(out_dir)
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no demo world here (run python -m rag_jax.data.demo_world --out {out})")
+    m = json.loads(manifest.read_text(encoding="utf-8"))
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{manifest}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+    for name in _FILE_NAMES:
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name}: listed in {manifest} but missing")
+        if _sha256(out / name) != m["sha256"].get(name):
+            raise ValueError(f"{out / name}: sha256 differs from {manifest}; regenerate the world")
     return _world_files(out, m["counts"], skipped=True)
 
 
