@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -45,15 +46,16 @@ class Generator:
         )
 
     def save_hf(self, path: str | os.PathLike) -> None:
+        """Writes an HF ``BartForConditionalGeneration`` directory (plus the
+        tokenizer files, if there is a tokenizer)."""
         state, hf_config = hf_bart.bart_to_hf(self.config, self.params)
-        extra = {}
-        if self.tokenizer is not None and self.tokenizer.source_dir:
-            extra = {
-                n: os.path.join(self.tokenizer.source_dir, n)
-                for n in TOKENIZER_FILES
-                if os.path.isfile(os.path.join(self.tokenizer.source_dir, n))
-            }
-        hf_io.write_hf_dir(path, state, hf_config, extra)
+        with tempfile.TemporaryDirectory() as tok_dir:
+            extra = {}
+            if self.tokenizer is not None:
+                # Staged beside the weights so write_hf_dir stays atomic.
+                self.tokenizer.save(tok_dir)
+                extra = {n: os.path.join(tok_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tok_dir, n))}
+            hf_io.write_hf_dir(path, state, hf_config, extra)
 
 
 def load_generator(path: str | os.PathLike, dtype: Any = jnp.float32) -> Generator:

@@ -12,7 +12,9 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
 
 import rag_jax
+from rag_jax.checkpoint import hf_bart
 from rag_jax.checkpoint.hf_io import CheckpointError
+from rag_jax.data.train_tokenizer import train_bart_tokenizer
 from rag_jax.generator import load_generator
 from rag_jax.models.bart import Bart, decode_step, decode_tokens, init_cache, reorder_cache
 from rag_jax.parallel import rules as R
@@ -51,6 +53,13 @@ def bart_dirs(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def gens(bart_dirs):
+    # One Generator per variant for the whole module: its jitted logits
+    # compile once per input shape, which keeps this file fast.
+    return {name: rag_jax.load_generator(path) for name, (path, _) in bart_dirs.items()}
+
+
 def _inputs(seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 96, (3, 9))
@@ -69,10 +78,25 @@ def _rel_err(a, b):
     return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
+def test_decoder_padding_mask_matches_transformers(bart_dirs, gens):
+    path, ref = bart_dirs["relu_scaled"]
+    ids, mask, dec = _inputs(4)
+    dec_mask = np.ones_like(dec)
+    dec_mask[1, 4:] = 0
+    dec_mask[2, 2:] = 0
+    dec = np.where(dec_mask == 1, dec, 1)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), decoder_input_ids=torch.tensor(dec),
+                   decoder_attention_mask=torch.tensor(dec_mask)).logits.numpy()
+    got = np.asarray(gens["relu_scaled"].logits(ids, mask, dec, dec_mask))
+    keep = dec_mask == 1
+    assert _rel_err(got[keep], want[keep]) < 1e-5
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_logits_match_transformers(bart_dirs, name):
+def test_logits_match_transformers(bart_dirs, gens, name):
     path, ref = bart_dirs[name]
-    gen = rag_jax.load_generator(path)
+    gen = gens[name]
     ids, mask, dec = _inputs()
     with torch.no_grad():
         want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
@@ -82,9 +106,8 @@ def test_logits_match_transformers(bart_dirs, name):
     assert _rel_err(got, want) < 1e-5
 
 
-def test_cached_decoding_equals_full_forward(bart_dirs):
-    path, _ = bart_dirs["deep_encoder"]
-    gen = rag_jax.load_generator(path)
+def test_cached_decoding_equals_full_forward(gens):
+    gen = gens["deep_encoder"]
     ids, mask, dec = _inputs(1)
     full = gen.logits(ids, mask, dec)
     model, params = gen.model, gen.params
@@ -105,14 +128,16 @@ def test_cached_decoding_equals_full_forward(bart_dirs):
     assert _rel_err(jnp.concatenate([first, rest], axis=1), full[:, :5]) < 1e-5
 
 
-def test_decode_step_inside_while_loop(bart_dirs):
-    """Greedy decoding in lax.while_loop with fixed shapes equals greedy
-    decoding by repeated full forward passes."""
-    path, _ = bart_dirs["shallow_encoder"]
-    gen = rag_jax.load_generator(path)
+def test_decode_step_inside_while_loop(gens):
+    """Decoding in lax.while_loop with fixed shapes equals decoding by
+    repeated full forward passes. Tokens are argmax(logits + fixed noise): a
+    random model's plain greedy output is often one constant token, which
+    would not show a wrong cache position."""
+    gen = gens["shallow_encoder"]
     ids, mask, _ = _inputs(3)
     model, params, steps = gen.model, gen.params, 5
     enc_mask = jnp.asarray(mask)
+    noise = np.random.default_rng(5).gumbel(size=(steps, ids.shape[0], 96)).astype(np.float32) * 4.0
 
     @jax.jit
     def greedy(params):
@@ -123,22 +148,23 @@ def test_decode_step_inside_while_loop(bart_dirs):
         def body(state):
             t, out, cache = state
             logits, cache = decode_step(model, params, cache, jax.lax.dynamic_slice_in_dim(out, t, 1, 1), enc, enc_mask)
-            out = jax.lax.dynamic_update_slice_in_dim(out, jnp.argmax(logits, -1)[:, None].astype(jnp.int32), t + 1, 1)
+            out = jax.lax.dynamic_update_slice_in_dim(out, jnp.argmax(logits + jnp.asarray(noise)[t], -1)[:, None].astype(jnp.int32), t + 1, 1)
             return t + 1, out, cache
 
         return jax.lax.while_loop(lambda s: s[0] < steps, body, (0, out, cache))[1]
 
     got = np.asarray(greedy(params))
-    want = np.full((ids.shape[0], 1), 2)
-    for _ in range(steps):
-        nxt = np.argmax(np.asarray(gen.logits(ids, mask, want))[:, -1], -1)
-        want = np.concatenate([want, nxt[:, None]], axis=1)
+    # Reference: full forward passes over a fixed-length buffer (the causal
+    # mask makes the not-yet-written tail irrelevant), one compilation.
+    want = np.full((ids.shape[0], steps + 1), 2)
+    for t in range(steps):
+        want[:, t + 1] = np.argmax(np.asarray(gen.logits(ids, mask, want))[:, t] + noise[t], -1)
     np.testing.assert_array_equal(got, want)
+    assert len(set(want[:, 1:].ravel().tolist())) > 3  # not a degenerate constant output
 
 
-def test_reorder_cache_follows_beams(bart_dirs):
-    path, _ = bart_dirs["gelu"]
-    gen = rag_jax.load_generator(path)
+def test_reorder_cache_follows_beams(gens):
+    gen = gens["gelu"]
     ids, mask, dec = _inputs(2)
     model, params = gen.model, gen.params
     enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
@@ -152,10 +178,10 @@ def test_reorder_cache_follows_beams(bart_dirs):
     assert _rel_err(logits, full[:, 1]) < 1e-5
 
 
-def test_bf16_compute_f32_params(bart_dirs):
+def test_bf16_compute_f32_params(bart_dirs, gens):
     path, _ = bart_dirs["gelu"]
     ids, mask, dec = _inputs()
-    f32 = rag_jax.load_generator(path).logits(ids, mask, dec)
+    f32 = gens["gelu"].logits(ids, mask, dec)
     gen = load_generator(path, dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(gen.params))
     got = gen.logits(ids, mask, dec)
@@ -163,19 +189,46 @@ def test_bf16_compute_f32_params(bart_dirs):
     assert 0 < _rel_err(got, f32) < 5e-2
 
 
-def test_round_trip_to_transformers(bart_dirs, tmp_path):
+def test_round_trip_to_transformers(bart_dirs, gens, tmp_path):
     path, ref = bart_dirs["relu_scaled"]
-    rag_jax.load_generator(path).save_hf(tmp_path / "out")
+    src = _copy(path, tmp_path / "src")
+    train_bart_tokenizer(["Trask Holdings was founded in Osterby by Ilse Varga."] * 5, src, vocab_size=300, min_frequency=1)
+    gen = rag_jax.load_generator(src)
+    assert gen.tokenizer is not None
+    gen.save_hf(tmp_path / "out")
     back = BartForConditionalGeneration.from_pretrained(tmp_path / "out")
     want, got = ref.state_dict(), back.state_dict()
     assert set(want) == set(got)
     for key, value in want.items():
         np.testing.assert_array_equal(got[key].numpy(), value.numpy(), err_msg=key)
+    assert back.config.scale_embedding and back.config.activation_function == "relu"
+    again = rag_jax.load_generator(tmp_path / "out")
+    text = ["Ilse Varga in Osterby"]
+    np.testing.assert_array_equal(again.tokenizer(text, max_length=8)["input_ids"], gen.tokenizer(text, max_length=8)["input_ids"])
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(gens["relu_scaled"].params)):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_params_logical_axes_and_sharded_forward(bart_dirs):
+def test_rag_prefixed_keys(bart_dirs, gens):
+    """The RAG importer reuses the map with ``rag.generator.`` prefixed keys."""
     path, _ = bart_dirs["gelu"]
-    gen = rag_jax.load_generator(path)
+    gen = gens["gelu"]
+    state = {"rag.generator." + k: v for k, v in load_file(str(path / "model.safetensors")).items()}
+    state["rag.question_encoder.some.weight"] = np.zeros(2, np.float32)  # another model's key: not ours
+    params = hf_bart.import_bart(state, gen.config, "rag.safetensors", prefix="rag.generator.")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(gen.params)):
+        np.testing.assert_array_equal(a, b)
+    out, _ = hf_bart.bart_to_hf(gen.config, gen.params, prefix="rag.generator.")
+    assert all(k.startswith("rag.generator.") for k in out)
+    assert out["rag.generator.final_logits_bias"].shape == (1, 96)
+    with pytest.raises(CheckpointError, match="rag.generator.model.encoder.layers.0.fc1.weight"):
+        state.pop("rag.generator.model.encoder.layers.0.fc1.weight")
+        state["rag.generator.model.encoder.layers.0.fc1.weight"] = np.zeros((3, 3), np.float32)
+        hf_bart.import_bart(state, gen.config, "rag.safetensors", prefix="rag.generator.")
+
+
+def test_params_logical_axes_and_sharded_forward(gens):
+    gen = gens["gelu"]
     mesh = make_mesh((2, 2, 2))
     ids, mask, dec = _inputs()
     boxed = jax.eval_shape(lambda: gen.model.init(jax.random.PRNGKey(0), ids, mask, dec))["params"]
@@ -212,16 +265,25 @@ def test_missing_and_extra_weights_named(bart_dirs, tmp_path):
         rag_jax.load_generator(d)
 
 
-def test_untied_lm_head_refused(bart_dirs, tmp_path):
-    d = _copy(bart_dirs["gelu"][0], tmp_path / "untied")
+def test_tied_embedding_copies(bart_dirs, tmp_path):
+    """Equal copies of the shared embedding under any of HF's four names load;
+    a differing copy (untied weights) is refused, naming the key."""
+    d = _copy(bart_dirs["gelu"][0], tmp_path / "tied")
     state = load_file(str(d / "model.safetensors"))
-    state["lm_head.weight"] = state["model.shared.weight"] + 1.0
+    shared = state.pop("model.shared.weight")
+    for key in ("lm_head.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+        state[key] = shared
+    save_file(state, str(d / "model.safetensors"))
+    _, params = hf_bart.load_bart(d)
+    np.testing.assert_array_equal(params["shared"]["embedding"], shared)
+    state["lm_head.weight"] = shared + 1.0
     save_file(state, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
         rag_jax.load_generator(d)
 
 
 @pytest.mark.parametrize("key,value", [("normalize_before", True), ("add_final_layer_norm", True),
+                                       ("model_type", "mbart"), ("tie_encoder_decoder", True),
                                        ("activation_function", "mish"), ("brand_new_flag", 1)])
 def test_unsupported_config_named(bart_dirs, tmp_path, key, value):
     d = _copy(bart_dirs["gelu"][0], tmp_path / "cfg")

@@ -21,10 +21,12 @@ _HANDLED = (
     # Read only to refuse values we do not implement:
     "tie_word_embeddings", "is_encoder_decoder", "normalize_before", "add_final_layer_norm",
     "normalize_embedding", "static_position_embeddings", "add_bias_logits", "extra_pos_embeddings",
-    "encoder_layerdrop", "decoder_layerdrop", "is_decoder", "add_cross_attention",
+    "encoder_layerdrop", "decoder_layerdrop", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
+    "model_type",
 )
 _INERT = (
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+    "architectures", "transformers_version", "classif_dropout", "xla_device", "forced_decoder_ids",
+    "max_new_tokens", "fp16", "dtype", "torch_dtype", "_name_or_path",
     "name_or_path", "id2label", "label2id", "num_labels", "classifier_dropout", "use_cache",
     "gradient_checkpointing", "output_past", "num_hidden_layers", "task_specific_params", "prefix",
     "no_repeat_ngram_size", "num_beams", "early_stopping", "length_penalty", "max_length", "min_length",
@@ -50,6 +52,10 @@ _REQUIRED = {
     "decoder_layerdrop": [0.0, 0],
     "is_decoder": [False],
     "add_cross_attention": [False],
+    "tie_encoder_decoder": [False],
+    # mbart / plbart / blenderbot... share most keys but are pre-LN or differ in
+    # embeddings; only BART's math is implemented.
+    "model_type": ["bart"],
 }
 # Buffers / duplicates that carry nothing beyond what the rules map.
 _IGNORE = (r"embed_positions\._float_tensor$", r"position_ids$")
@@ -148,13 +154,13 @@ def fold_tied_embeddings(state: dict[str, np.ndarray], prefix: str, source: str)
     names = [prefix + n for n in _TIED if prefix + n in state]
     if not names:
         return state
-    keep = state[names[0]]
+    keep = state.pop(names[0])
     for name in names[1:]:
-        if state[name].shape != keep.shape or not np.array_equal(state[name], keep):
+        other = state.pop(name)
+        if other.shape != keep.shape or not np.array_equal(other, keep):
             raise CheckpointError(
                 f"{source}: {name} differs from {names[0]}; untied input/output embeddings are not supported"
             )
-        del state[name]
     state[prefix + "model.shared.weight"] = keep
     bias_key = prefix + "final_logits_bias"
     if bias_key in state:
