@@ -31,6 +31,8 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     emb.add_argument("--embeddings-ids", help="ids of the .npy rows: text file (one per line), .json or .npy list")
     emb.add_argument("--batch-size", type=int, default=64, help="global encoding batch (split over all devices)")
     emb.add_argument("--max-length", type=int, default=256, help="passage token length ([CLS] title [SEP] text [SEP])")
+    emb.add_argument("--length-bucket", type=int, default=64,
+                     help="pad each batch to a multiple of this above its longest passage (0: always --max-length)")
     emb.add_argument("--shard-rows", type=int, default=0, help="rows per embedding shard (default 64 batches)")
     emb.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                      help="storage dtype of the document embeddings")
@@ -93,7 +95,8 @@ def run_build_index(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         store = encode_corpus(
             corpus, encoder, edir, batch_size=args.batch_size, shard_rows=args.shard_rows or None,
-            max_length=args.max_length, dtype=args.dtype, token_types=args.token_types, progress=progress,
+            max_length=args.max_length, dtype=args.dtype, token_types=args.token_types,
+            length_bucket=args.length_bucket or None, progress=progress,
         )
         dt = time.perf_counter() - t1
         print(f"[build-index] encoded {len(corpus)} passages in {dt:.1f}s ({len(corpus) / max(dt, 1e-9):.1f} passages/s)")
