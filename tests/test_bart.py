@@ -112,7 +112,8 @@ def test_cached_decoding_equals_full_forward(gens):
     full = gen.logits(ids, mask, dec)
     model, params = gen.model, gen.params
     enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
-    cache = init_cache(model, params, enc, jnp.asarray(mask), max_length=8)
+    new_cache = jax.jit(lambda: init_cache(model, params, enc, jnp.asarray(mask), max_length=8))
+    cache = new_cache()
     step = jax.jit(lambda c, t: decode_step(model, params, c, t, enc, jnp.asarray(mask)))
     outs = []
     for t in range(dec.shape[1]):
@@ -122,9 +123,9 @@ def test_cached_decoding_equals_full_forward(gens):
     assert int(cache["decoder_layers_0"]["self_attn"]["cache_index"]) == dec.shape[1]
     assert _rel_err(jnp.stack(outs, axis=1), full) < 1e-5
     # Several tokens at once after a cached prefix (a forced prefix) also agree.
-    cache = init_cache(model, params, enc, jnp.asarray(mask), max_length=8)
-    first, cache = decode_tokens(model, params, cache, dec[:, :2], enc, jnp.asarray(mask))
-    rest, cache = decode_tokens(model, params, cache, dec[:, 2:5], enc, jnp.asarray(mask))
+    chunk = jax.jit(lambda c, t: decode_tokens(model, params, c, t, enc, jnp.asarray(mask)))
+    first, cache = chunk(new_cache(), dec[:, :2])
+    rest, cache = chunk(cache, dec[:, 2:5])
     assert _rel_err(jnp.concatenate([first, rest], axis=1), full[:, :5]) < 1e-5
 
 
@@ -167,13 +168,18 @@ def test_reorder_cache_follows_beams(gens):
     gen = gens["gelu"]
     ids, mask, dec = _inputs(2)
     model, params = gen.model, gen.params
-    enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
-    cache = init_cache(model, params, enc, jnp.asarray(mask), 6)
-    _, cache = decode_step(model, params, cache, dec[:, :1], enc, jnp.asarray(mask))
     # Reorder and expand at once (beam search: 3 rows -> 4 hypotheses).
     perm = jnp.array([2, 0, 0, 1])
-    moved = reorder_cache(cache, perm)
-    logits, _ = decode_step(model, params, moved, dec[perm, 1:2], None, jnp.asarray(mask)[perm])
+
+    @jax.jit
+    def two_steps(params):
+        enc = model.apply({"params": params}, ids, mask, method=Bart.encode)
+        cache = init_cache(model, params, enc, jnp.asarray(mask), 6)
+        _, cache = decode_step(model, params, cache, dec[:, :1], enc, jnp.asarray(mask))
+        moved = reorder_cache(cache, perm)
+        return decode_step(model, params, moved, dec[perm, 1:2], None, jnp.asarray(mask)[perm])[0]
+
+    logits = two_steps(params)
     full = gen.logits(ids[perm], mask[perm], dec[perm, :2])
     assert _rel_err(logits, full[:, 1]) < 1e-5
 
@@ -187,6 +193,20 @@ def test_bf16_compute_f32_params(bart_dirs, gens):
     got = gen.logits(ids, mask, dec)
     assert got.dtype == jnp.float32
     assert 0 < _rel_err(got, f32) < 5e-2
+
+
+def test_dropout_in_training_mode(gens):
+    """deterministic=False draws dropout from the "dropout" rng; the
+    default (deterministic) path ignores the config's rates."""
+    gen = gens["gelu"]
+    model = Bart(gen.config.replace(dropout=0.3, attention_dropout=0.2, activation_dropout=0.1))
+    ids, mask, dec = _inputs()
+    fwd = jax.jit(lambda key, det: model.apply({"params": gen.params}, ids, mask, dec, deterministic=det,
+                                               rngs={"dropout": key}), static_argnums=1)
+    a, b = fwd(jax.random.PRNGKey(0), False), fwd(jax.random.PRNGKey(1), False)
+    assert np.all(np.isfinite(a)) and _rel_err(a, b) > 1e-2
+    np.testing.assert_array_equal(a, fwd(jax.random.PRNGKey(0), False))
+    assert _rel_err(fwd(jax.random.PRNGKey(0), True), gen.logits(ids, mask, dec)) < 1e-6
 
 
 def test_round_trip_to_transformers(bart_dirs, gens, tmp_path):
