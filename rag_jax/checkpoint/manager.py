@@ -94,6 +94,7 @@ class CheckpointManager:
             raise ValueError(f"checkpoint keep must be positive or None, got {keep}")
         self.directory = Path(directory).absolute()
         self.every = int(every)
+        self._started: set[int] = set()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
             max_to_keep=keep,
@@ -124,9 +125,9 @@ class CheckpointManager:
             raise FloatingPointError(f"step {step}: state has NaN/Inf; checkpoint not written")
         if not (force or self.should_save(step)):
             return False
-        if step in self.all_steps():
-            # Already on disk (e.g. a final forced save right after an
-            # interval save): identical content, nothing to do.
+        if step in self._started or step in self.all_steps():
+            # Already saved or being saved (e.g. a final forced save right
+            # after an interval save): identical content, nothing to do.
             return False
         args = ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(_keys_to_data(state)),
@@ -135,6 +136,8 @@ class CheckpointManager:
         # The interval is decided above; orbax's own policy would also save
         # the very first step and skip steps while an async save is running.
         saved = self._mngr.save(step, args=args, force=True)
+        if saved:
+            self._started.add(step)
         if saved:
             log.info("checkpoint step %d started (%s)", step, self.directory)
         return bool(saved)
@@ -168,8 +171,8 @@ class CheckpointManager:
     # ----------------------------------------------------------- queries
     def all_steps(self) -> list[int]:
         """Finalized steps, ascending (tmp directories of unfinished saves excluded)."""
-        self._mngr.reload()
-        # Orbax already hides tmp dirs; also demand the metadata file orbax
+        # No ``reload()`` here: it races with a running async save's
+        # bookkeeping (keep-N deletions). Orbax already hides tmp dirs; also demand the metadata file orbax
         # writes at finalization, so a step directory copied or truncated by
         # hand is not taken for a complete checkpoint either.
         return sorted(
