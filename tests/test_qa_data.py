@@ -217,3 +217,36 @@ def test_eval_loader_pads_last_batch_and_masks():
         _rows(10), 2, shuffle=False, num_epochs=1, drop_remainder=False, shard_index=i, shard_count=3)
         for q, m in zip(b["qid"], b["mask"]) if m)
     assert got == list(range(10))
+
+
+def test_config_pipeline_resumes_through_checkpoint(built, tmp_path):
+    """The data position saved with a checkpoint continues the exact batch stream."""
+    import jax.numpy as jnp
+
+    from rag_jax.checkpoint.manager import CheckpointManager
+    from rag_jax.train.config_checks import load_config_module
+
+    root, _ = built
+    cfg = load_config_module(__file__.replace("tests/test_qa_data.py", "configs/tiny.py")).get_config()
+    cfg.data.train_file = str(root / "train.jsonl")
+    cfg.data.dev_file = str(root / "dev.csv")
+    cfg.data.dataset_dir = str(tmp_path / "tfds")
+    cfg.eval.max_examples = 7
+    ds_dir = P.dataset_from_config(cfg, tmp_path)
+    run = P.train_loader_from_config(cfg, ds_dir, global_batch=6)
+    _take(run, 5)
+    with CheckpointManager(tmp_path / "ckpt", every=5, async_save=True) as mngr:
+        assert mngr.save(5, {"step": jnp.asarray(5)}, run.get_state())
+        expected = _take(run, 6)
+        mngr.wait()
+        _, data_state, step = mngr.restore()
+    resumed = P.train_loader_from_config(cfg, ds_dir, global_batch=6)
+    resumed.set_state(data_state)
+    got = _take(resumed, 6)
+    assert step == 5
+    assert [b["question"] for b in got] == [b["question"] for b in expected]
+    assert [b["answer"] for b in got] == [b["answer"] for b in expected]
+    ev = list(P.eval_loader_from_config(cfg, ds_dir))
+    assert [len(b["question"]) for b in ev] == [4, 4]
+    assert sum(int(b["mask"].sum()) for b in ev) == 7
+    assert ev[0]["answers"][1] == ["d1", "e1"]

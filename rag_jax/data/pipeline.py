@@ -186,3 +186,45 @@ def iterate_records(loader: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]
         for i, ok in enumerate(b["mask"]):
             if ok:
                 yield {k: b[k][i] for k in ("question", "answer", "answers", "qid")}
+
+
+# ------------------------------------------------------------- from config
+def dataset_from_config(cfg: Any, workdir: str | os.PathLike) -> "os.PathLike":
+    """Builds (or reuses) the TFDS dataset of ``cfg.data``'s files.
+
+    Splits: ``train`` (one row per answer), ``validation`` and ``test`` (one
+    row per question); empty file fields are skipped. ``cfg.data.dataset_dir``
+    defaults to ``workdir/data``. Every process builds its own copy when the
+    directory is host-local; on a shared filesystem let process 0 build first.
+    """
+    from pathlib import Path
+
+    d = cfg.data
+    files = {s: f for s, f in (("train", d.train_file), ("validation", d.dev_file), ("test", d.test_file)) if f}
+    if not files:
+        raise ValueError("config.data: no train_file, dev_file or test_file set")
+    out = d.dataset_dir or str(Path(workdir) / "data")
+    return tfds_builders.build_qa_dataset(files, out, fmt=d.format, pair_splits=("train",))
+
+
+def train_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, global_batch: int) -> QALoader:
+    """Endless shuffled training batches of ``global_batch / process_count`` rows."""
+    index, count = process_shard()
+    if global_batch % count:
+        raise ValueError(f"global batch {global_batch} not divisible by {count} processes")
+    return qa_loader_from_dir(
+        dataset_dir, "train", global_batch // count, seed=cfg.train.seed, shuffle=True,
+        num_epochs=None, shard_index=index, shard_count=count, num_threads=cfg.data.num_threads,
+    )
+
+
+def eval_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, split: str = "validation") -> QALoader:
+    """One in-order pass over ``split``, last batch padded (see ``mask``)."""
+    index, count = process_shard()
+    src = tfds_builders.open_split(dataset_dir, split)
+    if cfg.eval.max_examples:
+        src = grain.MapDataset.source(src)[: cfg.eval.max_examples]
+    return make_loader(
+        src, cfg.eval.batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
+        shard_index=index, shard_count=count, num_threads=cfg.data.num_threads,
+    )
