@@ -64,9 +64,10 @@ def run_build_index(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} already exists (use --overwrite)")
     if bool(args.passages) == bool(args.corpus):
         raise ValueError("give exactly one of --passages FILE or --corpus DIR")
-    sources = [bool(args.encoder), bool(args.embeddings_pkl), bool(args.embeddings_npy)]
-    if sum(sources) != 1:
-        raise ValueError("give exactly one of --encoder, --embeddings-pkl or --embeddings-npy")
+    imports = bool(args.embeddings_pkl) + bool(args.embeddings_npy)
+    if imports > 1 or not (imports or args.encoder):
+        raise ValueError("give --encoder (to encode), or one of --embeddings-pkl / --embeddings-npy "
+                         "(to import; with --encoder too, its fingerprint is recorded in the manifest)")
     progress = not args.no_progress
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,7 @@ def run_build_index(args: argparse.Namespace) -> int:
 
         encoder = rag_jax.load_encoder(args.encoder)
         fingerprint = encoder.fingerprint()
+    if not imports:
         t1 = time.perf_counter()
         store = encode_corpus(
             corpus, encoder, edir, batch_size=args.batch_size, shard_rows=args.shard_rows or None,
@@ -105,7 +107,7 @@ def run_build_index(args: argparse.Namespace) -> int:
     else:
         store = import_embeddings(
             corpus, edir, dpr_pickles=args.embeddings_pkl, npy=args.embeddings_npy, ids=args.embeddings_ids,
-            dtype=args.dtype, progress=progress,
+            dtype=args.dtype, encoder_fingerprint=fingerprint, progress=progress,
         )
         print(f"[build-index] imported {store.count} x {store.dim} embeddings")
 

@@ -352,3 +352,25 @@ def test_hot_swap_replaces_index_and_corpus(tmp_path):
     with pytest.raises(IndexMismatchError, match="dimension 8"):
         ret.swap(wide)
     assert ret.path == ib  # failed swaps leave the current index in place
+
+
+def test_cli_build_index_from_imported_embeddings(tmp_path, capsys):
+    from rag_jax.cli import main as cli_main
+
+    n, d = 30, 8
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("id\ttext\ttitle\n" + "".join(f'{i + 1}\t"text {i}"\tT{i}\n' for i in range(n)), encoding="utf-8")
+    vecs = clustered_embeddings(n, d, seed=4)
+    perm = np.random.default_rng(0).permutation(n)
+    np.save(tmp_path / "v.npy", vecs[perm])
+    (tmp_path / "ids.json").write_text(json.dumps([f"wiki:{i + 1}" for i in perm]))
+    out = tmp_path / "index"
+    rc = cli_main(["build-index", "--passages", str(tsv), "--embeddings-npy", str(tmp_path / "v.npy"),
+                   "--embeddings-ids", str(tmp_path / "ids.json"), "--out", str(out), "--index-type", "exact",
+                   "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    idx = load_index(out)
+    np.testing.assert_array_equal(idx.embeddings.to_array(), vecs)
+    rows, _ = idx.search(vecs[[5]], 3)
+    np.testing.assert_array_equal(rows[0], np.argsort(-(vecs[5] @ vecs.T))[:3])
+    assert idx.corpus.title(5) == "T5" and not (tmp_path / "index.work").exists()
