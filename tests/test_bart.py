@@ -302,7 +302,22 @@ def test_tied_embedding_copies(bart_dirs, tmp_path):
         rag_jax.load_generator(d)
 
 
-@pytest.mark.parametrize("key,value", [("normalize_before", True), ("add_final_layer_norm", True),
+def test_legacy_config_keys_at_default_values_load(bart_dirs, tmp_path):
+    """Configs written by transformers 3.x / 4.x (bart-base, RAG's generator)
+    carry switches for variants BART never used; at their BART values they load."""
+    d = _copy(bart_dirs["gelu"][0], tmp_path / "legacy")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(normalize_before=False, add_final_layer_norm=False, normalize_embedding=True,
+               static_position_embeddings=False, add_bias_logits=False, extra_pos_embeddings=2,
+               do_blenderbot_90_layernorm=False, classif_dropout=0.1, output_past=True,
+               force_bos_token_to_be_generated=False, num_hidden_layers=2, gradient_checkpointing=False,
+               torch_dtype="float32", no_repeat_ngram_size=3, num_beams=4)
+    (d / "config.json").write_text(json.dumps(cfg))
+    config, _ = hf_bart.load_bart(d)
+    assert config.encoder_ffn_dim == 48 and config.decoder_ffn_dim == 40 and config.init_std == 0.5
+
+
+@pytest.mark.parametrize("key,value", [("do_blenderbot_90_layernorm", True), ("normalize_before", True), ("add_final_layer_norm", True),
                                        ("model_type", "mbart"), ("tie_encoder_decoder", True),
                                        ("activation_function", "mish"), ("brand_new_flag", 1)])
 def test_unsupported_config_named(bart_dirs, tmp_path, key, value):

@@ -22,7 +22,7 @@ _HANDLED = (
     "tie_word_embeddings", "is_encoder_decoder", "normalize_before", "add_final_layer_norm",
     "normalize_embedding", "static_position_embeddings", "add_bias_logits", "extra_pos_embeddings",
     "encoder_layerdrop", "decoder_layerdrop", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
-    "model_type",
+    "model_type", "do_blenderbot_90_layernorm",
 )
 _INERT = (
     "architectures", "transformers_version", "classif_dropout", "xla_device", "forced_decoder_ids",
@@ -53,6 +53,7 @@ _REQUIRED = {
     "is_decoder": [False],
     "add_cross_attention": [False],
     "tie_encoder_decoder": [False],
+    "do_blenderbot_90_layernorm": [False],  # transformers 3.x configs (e.g. RAG's generator) carry it
     # mbart / plbart / blenderbot... share most keys but are pre-LN or differ in
     # embeddings; only BART's math is implemented.
     "model_type": ["bart"],
