@@ -23,8 +23,8 @@ def test_expected_configs_exist():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
-def test_config_loads_validates_and_builds_optimizer(path, tmp_path):
-    os.chdir(tmp_path)  # configs must not depend on the working directory
+def test_config_loads_validates_and_builds_optimizer(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs must not depend on the working directory
     cfg = C.load_config_module(path).get_config()
     C.validate(cfg, num_devices=8)
     assert tuple(cfg.mesh.logical_axis_rules) == DEFAULT_RULES
