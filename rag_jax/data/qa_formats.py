@@ -89,7 +89,7 @@ def parse_answer_list(text: str, path: str | os.PathLike = "<string>", line: int
 
 def read_dpr_csv(path: str | os.PathLike) -> Iterator[QARecord]:
     """``question<TAB>answers-list`` lines (DPR's nq-*.qa.csv); no header."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         # QUOTE_NONE: questions hold stray quotes that must stay literal.
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         for row in reader:
@@ -104,7 +104,7 @@ def read_dpr_csv(path: str | os.PathLike) -> Iterator[QARecord]:
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[QARecord]:
     """One ``{"question": str, "answers": [str, ...]}`` object per line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for ln, text in enumerate(f, 1):
             if not text.strip():
                 continue
@@ -121,7 +121,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[QARecord]:
             yield QARecord(q, _check_answers(obj["answers"], path, ln), str(path), ln)
 
 
-def _seq2seq_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+def seq2seq_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in (".source", ".target"):
         p = p.with_suffix("")
@@ -134,11 +134,11 @@ def read_seq2seq(path: str | os.PathLike) -> Iterator[QARecord]:
     ``path`` may be ``X``, ``X.source`` or ``X.target``. A target line holds
     one answer, or several separated by ``<tab>`` or as a list literal.
     """
-    src, tgt = _seq2seq_paths(path)
+    src, tgt = seq2seq_paths(path)
     for p in (src, tgt):
         if not p.exists():
             raise FileNotFoundError(f"{p}: seq2seq file missing")
-    with open(src, encoding="utf-8") as fs, open(tgt, encoding="utf-8") as ft:
+    with open(src, encoding="utf-8-sig") as fs, open(tgt, encoding="utf-8-sig") as ft:
         ln = 0
         while True:
             s, t = fs.readline(), ft.readline()

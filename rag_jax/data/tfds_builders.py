@@ -83,7 +83,7 @@ def _fingerprint(files: Mapping[str, str], fmt: str, pair_splits: Sequence[str])
     for split in sorted(files):
         path = files[split]
         fmt_i = F.detect_format(path) if fmt == "auto" else fmt
-        parts = F._seq2seq_paths(path) if fmt_i == "seq2seq" else (Path(path),)
+        parts = F.seq2seq_paths(path) if fmt_i == "seq2seq" else (Path(path),)
         for p in parts:
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,15 +109,13 @@ def build_qa_dataset(
         raise ValueError("build_qa_dataset: no files given")
     for split, path in files.items():
         fmt_i = F.detect_format(path) if fmt == "auto" else fmt
-        for p in (F._seq2seq_paths(path) if fmt_i == "seq2seq" else (Path(path),)):
+        for p in (F.seq2seq_paths(path) if fmt_i == "seq2seq" else (Path(path),)):
             if not Path(p).exists():
                 raise FileNotFoundError(f"split {split!r}: {p} does not exist")
     name = "qa_" + _fingerprint(files, fmt, pair_splits)
     config = QABuilderConfig(name=name, files=files, fmt=fmt, pair_splits=tuple(pair_splits))
     builder = RagQA(config=config, data_dir=str(data_dir), file_format="array_record")
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(verify_ssl=False)
-    )
+    builder.download_and_prepare()
     return Path(builder.data_dir)
 
 
