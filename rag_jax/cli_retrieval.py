@@ -44,8 +44,9 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     idx.add_argument("--num-leaves", type=int, help="ScaNN tree leaves (default ~sqrt(N))")
     idx.add_argument("--num-leaves-to-search", type=int, help="ScaNN leaves searched per query (default ~5%%)")
     idx.add_argument("--reorder-k", type=int, help="ScaNN candidates re-scored exactly (default 200)")
-    idx.add_argument("--reorder-dtype", choices=["int8", "bfloat16", "float32", "memmap", "none"],
-                     help="ScaNN re-ordering vectors: int8 (default), bfloat16, float32, memmap (exact re-scoring from the memory-mapped float32 store; only hashed codes resident), none")
+    idx.add_argument("--reorder-dtype", choices=["memmap", "int8", "bfloat16", "float32", "none"],
+                     help="ScaNN re-ordering vectors: memmap (default: exact re-scoring from the memory-mapped "
+                          "float32 store, only hashed codes resident), int8/bfloat16/float32 (a copy in RAM), none")
     idx.add_argument("--training-sample-size", type=int, help="ScaNN k-means/AH training sample")
     idx.add_argument("--brute-force", action="store_true", default=None, help="ScaNN brute force (small corpora)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -39,7 +39,7 @@ from rag_jax.retrieval.embeddings import EmbeddingStore, write_store
 INDEX_MANIFEST = "manifest.json"
 INDEX_FORMAT = "rag_jax.index/1"
 BRUTE_FORCE_BELOW = 20_000
-REORDER_DTYPES = ("int8", "bfloat16", "float32", "memmap", "none")
+REORDER_DTYPES = ("memmap", "int8", "bfloat16", "float32", "none")
 
 
 class IndexMismatchError(ValueError):
@@ -191,10 +191,13 @@ class ScannParams:
     dims_per_block: int = 2
     anisotropic_quantization_threshold: float = 0.2
     reorder_k: int = 200
-    # Where the exact re-ordering reads vectors: ScaNN's own copy ("float32",
-    # "int8", "bfloat16"), the memory-mapped float32 store ("memmap": only the
-    # hashed codes stay resident), or nowhere ("none": hashed scores only).
-    reorder_dtype: str = "int8"
+    # Where the exact re-ordering reads vectors: the memory-mapped float32
+    # store ("memmap", default: only the 4-bit hashed codes stay resident,
+    # ~7% of float32, and re-ordering is exact; measured recall is higher than
+    # int8 at equal speed while the store is in the page cache), ScaNN's own
+    # copy ("int8" ~33% of float32 resident, "bfloat16", "float32"), or
+    # nowhere ("none": hashed scores only).
+    reorder_dtype: str = "memmap"
     num_neighbors: int = 10
 
     @classmethod
@@ -246,7 +249,7 @@ def build_scann_searcher(embeddings: np.ndarray, params: ScannParams):  # noqa: 
 
 
 class ScannIndex:
-    """ScaNN searcher: tree partitioning + anisotropic hashing + (int8) exact re-ordering."""
+    """ScaNN searcher: tree partitioning + anisotropic hashing + exact re-ordering."""
 
     kind = "scann"
 
