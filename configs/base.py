@@ -17,6 +17,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Empty: a random model with the ``tiny`` shapes below.
     m.question_encoder = ""
     m.generator = ""
+    # Tokenizer directories; "" = the model directory's own files, or, for a
+    # tiny random model, tokenizers trained on the run's data under workdir.
+    m.question_tokenizer = ""
+    m.generator_tokenizer = ""
     m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"
     m.dropout = 0.1  # None keeps the checkpoint's own dropout settings
@@ -50,6 +54,9 @@ def get_config() -> ml_collections.ConfigDict:
     t.steps = 1000
     t.per_device_batch_size = 8
     t.grad_accum_steps = 1
+    # 0 = per_device_batch_size x devices x grad_accum_steps; set it to keep the
+    # optimisation identical across mesh sizes.
+    t.global_batch_size = 0
     t.lr = 3e-5
     t.warmup_steps = 500
     t.schedule = "polynomial"  # polynomial | linear | constant

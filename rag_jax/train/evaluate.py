@@ -1,0 +1,71 @@
+"""Evaluation of a RAG model on a QA split: exact match / F1 of generated
+answers, retrieval answer recall@k, and the retrieval-collapse monitor."""
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from rag_jax.eval.monitor import collapse_stats
+from rag_jax.eval.qa import qa_metrics
+from rag_jax.eval.retrieval import answer_hits, recall_at_k
+
+
+def evaluate(
+    task: Any,
+    rag_model: Any,
+    params: Any,
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 16,
+    n_docs: int | None = None,
+    num_beams: int = 1,
+    max_length: int = 25,
+    decoding: str = "thorough",
+    progress: bool = True,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Generates an answer for every question and scores it.
+
+    ``rag_model`` is a ``rag_jax.rag.model.RagModel`` used for its jitted
+    decoders; ``params`` replace its own, so one object serves every eval of a
+    run without recompiling. Batches are padded to ``batch_size`` (fixed shapes).
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
+    k = n_docs or task.n_docs
+    rag_model.params = params
+    preds: list[str] = []
+    hits_all, stats = [], []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress, leave=False)
+    for start in range(0, len(questions), batch_size):
+        qs = list(questions[start : start + batch_size])
+        n = len(qs)
+        qs_padded = qs + [qs[-1]] * (batch_size - n)
+        r = task.retrieve(params.get("question_encoder"), qs_padded, n_docs=k)
+        out = rag_model.generate(
+            r["context_input_ids"], r["context_attention_mask"], r["doc_scores"],
+            variant=task.variant, num_beams=num_beams, max_length=max_length, decoding=decoding,
+        )
+        preds += task.generator_tokenizer.decode(np.asarray(out)[:n])
+        if not task.closed_book:
+            hits_all.append(answer_hits(r["texts"][:n], answers[start : start + n]))
+            stats.append(collapse_stats(r["doc_rows"][:n], r["doc_scores"][:n]))
+        bar.update(n)
+    bar.close()
+    metrics: dict[str, Any] = dict(qa_metrics(preds, [list(a) for a in answers]))
+    if hits_all:
+        hits = np.concatenate(hits_all, axis=0)
+        for kk, v in recall_at_k(hits, sorted({1, min(5, k), k})).items():
+            metrics[f"recall@{kk}"] = v
+        for key in stats[0]:
+            metrics[key] = float(np.mean([s[key] for s in stats]))
+    metrics["examples"] = len(questions)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    if return_predictions:
+        metrics["predictions"] = preds
+    return metrics
