@@ -324,3 +324,34 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
 
 def _fmt_metrics(ev: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if isinstance(v, float))
+
+
+def restore_params(config: Any, workdir: str | os.PathLike, models: Models) -> tuple[Any, int]:
+    """Params of the latest checkpoint in ``workdir/checkpoints`` (host arrays)."""
+    ckpt = CheckpointManager(Path(workdir) / "checkpoints", every=config.checkpoint.every,
+                             keep=config.checkpoint.keep, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no finished checkpoint in {Path(workdir) / 'checkpoints'}")
+        state, _, step = ckpt.restore()
+    finally:
+        ckpt.close()
+    params = jax.tree.map(np.asarray, state["params"])
+    # Same structure as freshly built params (orbax returns plain nested dicts).
+    jax.tree.map(lambda a, b: None, models.params, params)
+    return params, step
+
+
+def evaluate_checkpoint(config: Any, workdir: str | os.PathLike, split: str = "test",
+                        verbose: bool = True) -> dict[str, Any]:
+    """EM/F1, recall@k and collapse statistics of the latest checkpoint on a split."""
+    file = {"dev": config.data.dev_file, "test": config.data.test_file}[split]
+    if not file:
+        raise ValueError(f"config.data.{split}_file is empty")
+    models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
+    params, step = restore_params(config, workdir, models)
+    task = make_task(config, models)
+    rag_model = RagModel(task.config, params, models.question_tokenizer, models.generator_tokenizer)
+    metrics = run_eval(config, task, rag_model, params, file, verbose)
+    metrics["step"] = step
+    return metrics

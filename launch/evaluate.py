@@ -1,0 +1,29 @@
+"""Evaluates the latest checkpoint of a training workdir on the config's dev/test files.
+
+    python launch/evaluate.py --config=configs/demo.py --workdir=DIR [--split=test]
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints/")
+_SPLIT = flags.DEFINE_enum("split", "test", ["dev", "test"], "which file of config.data to evaluate")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from rag_jax.train.loop import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
