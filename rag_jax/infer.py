@@ -1,0 +1,136 @@
+"""Inference over an exported model and an index: answers with their sources.
+
+An inference directory (``rag-jax export``) is an HF RAG directory (loadable
+by ``transformers`` and ``rag_jax.load_rag``) plus ``rag_jax_inference.json``
+naming the index it was trained with, the document encoder's fingerprint and
+the decoding defaults. No optimizer state.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+INFERENCE_FILE = "rag_jax_inference.json"
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    passages: list[dict[str, Any]] = field(default_factory=list)  # id, title, text, score, prob
+
+
+def write_inference_json(out: str | os.PathLike, *, index_dir: str | None, index_fingerprint: str | None,
+                         variant: str, n_docs: int, max_question_length: int, max_combined_length: int,
+                         max_target_length: int) -> None:
+    (Path(out) / INFERENCE_FILE).write_text(json.dumps({
+        "index_dir": None if index_dir is None else str(Path(index_dir).resolve()),
+        "index_encoder_fingerprint": index_fingerprint,
+        "variant": variant, "n_docs": n_docs, "max_question_length": max_question_length,
+        "max_combined_length": max_combined_length, "max_target_length": max_target_length,
+    }, indent=2) + "\n")
+
+
+def index_fingerprint(index_dir: str | os.PathLike) -> str | None:
+    mf = Path(index_dir) / "manifest.json"
+    if not mf.is_file():
+        raise FileNotFoundError(f"{index_dir}: not an index directory (no manifest.json)")
+    return json.loads(mf.read_text()).get("encoder_fingerprint")
+
+
+class RagPipeline:
+    """Question strings in, answers with retrieved passages and doc probabilities out."""
+
+    def __init__(self, rag: Any, retriever: Any, n_docs: int = 5, variant: str | None = None,
+                 max_question_length: int = 64, max_combined_length: int = 300) -> None:
+        if rag.question_tokenizer is None or rag.generator_tokenizer is None:
+            raise ValueError("the model directory lacks question_encoder_tokenizer/ or generator_tokenizer/")
+        if retriever.index.dim != rag.config.question_encoder.output_dim:
+            raise ValueError(
+                f"{retriever.path}: index dimension {retriever.index.dim} does not match the question "
+                f"encoder's {rag.config.question_encoder.output_dim} (index built with another encoder?)"
+            )
+        self.rag = rag
+        self.retriever = retriever
+        self.n_docs = n_docs
+        self.variant = variant or rag.config.rag.variant
+        self.max_question_length = max_question_length
+        self.max_combined_length = max_combined_length
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike, index_dir: str | os.PathLike | None = None, **kw: Any) -> "RagPipeline":
+        from rag_jax.rag.model import load_rag
+        from rag_jax.retrieval.index import IndexMismatchError
+        from rag_jax.retrieval.retriever import Retriever
+
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir}: model directory does not exist")
+        info = {}
+        if (model_dir / INFERENCE_FILE).is_file():
+            info = json.loads((model_dir / INFERENCE_FILE).read_text())
+        index_dir = index_dir or info.get("index_dir")
+        if not index_dir:
+            raise ValueError(f"{model_dir}: no index given and none recorded in {INFERENCE_FILE}")
+        if not Path(index_dir).is_dir():
+            raise FileNotFoundError(f"{index_dir}: index directory does not exist")
+        want = info.get("index_encoder_fingerprint")
+        have = index_fingerprint(index_dir)
+        if want and have and want != have and not kw.pop("allow_other_encoder", False):
+            raise IndexMismatchError(
+                f"{index_dir}: passages were encoded with document encoder {have[:16]}..., but this model "
+                f"was trained against an index from encoder {want[:16]}... (rebuild the index with that encoder)"
+            )
+        kw.pop("allow_other_encoder", None)
+        rag = load_rag(model_dir)
+        defaults = {k: info[k] for k in ("n_docs", "variant", "max_question_length", "max_combined_length") if k in info}
+        defaults.update({k: v for k, v in kw.items() if v is not None})
+        return cls(rag, Retriever(index_dir), **defaults)
+
+    def swap_index(self, index_dir: str | os.PathLike) -> None:
+        """Hot swap: answer from another index; model params are untouched."""
+        self.retriever.swap(index_dir)
+
+    def retrieve(self, questions: Sequence[str], n_docs: int | None = None) -> dict[str, Any]:
+        from rag_jax.rag.inputs import build_context_strings
+
+        for i, q in enumerate(questions):
+            if not str(q).strip():
+                raise ValueError(f"question {i} is empty")
+        k = n_docs or self.n_docs
+        qt = self.rag.question_tokenizer(list(questions), max_length=self.max_question_length)
+        q = np.asarray(self.rag.question_embedding(qt["input_ids"], qt["attention_mask"], qt["token_type_ids"]))
+        got = self.retriever.retrieve(q, k)
+        strings = build_context_strings(got.titles, got.texts, list(questions))
+        ctx = self.rag.generator_tokenizer([s for row in strings for s in row], max_length=self.max_combined_length)
+        b = len(questions)
+        return {
+            "context_input_ids": ctx["input_ids"].reshape(b, k, -1),
+            "context_attention_mask": ctx["attention_mask"].reshape(b, k, -1),
+            "doc_scores": got.scores, "ids": got.ids, "titles": got.titles, "texts": got.texts,
+        }
+
+    def answer(self, questions: Sequence[str], num_beams: int = 1, max_length: int = 25,
+               decoding: str = "thorough", n_docs: int | None = None, variant: str | None = None) -> list[Answer]:
+        r = self.retrieve(questions, n_docs)
+        out = self.rag.generate(r["context_input_ids"], r["context_attention_mask"], r["doc_scores"],
+                                variant=variant or self.variant, num_beams=num_beams, max_length=max_length,
+                                decoding=decoding)
+        texts = self.rag.generator_tokenizer.decode(np.asarray(out))
+        scores = np.asarray(r["doc_scores"], np.float64)
+        probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        answers = []
+        for i, q in enumerate(questions):
+            passages = [
+                {"id": str(r["ids"][i][j]), "title": r["titles"][i][j], "text": r["texts"][i][j],
+                 "score": float(scores[i, j]), "prob": float(probs[i, j])}
+                for j in range(scores.shape[1])
+            ]
+            answers.append(Answer(q, texts[i], passages))
+        return answers
