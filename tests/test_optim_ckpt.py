@@ -1,5 +1,4 @@
 """Optimizer (schedules, decay mask, frozen subtrees) and the checkpoint manager."""
-import json
 import os
 import shutil
 import signal

@@ -1,7 +1,6 @@
 """QA readers, the TFDS array_record dataset and the grain loader."""
 import json
 
-import numpy as np
 import pytest
 
 from rag_jax.data import pipeline as P

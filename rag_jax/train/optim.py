@@ -9,7 +9,7 @@ lr(0) = 0 under warm-up, exactly like HF.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
