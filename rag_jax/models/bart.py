@@ -170,6 +170,11 @@ class Bart(nn.Module):
         x = self._embed(ids, position_offset + jnp.arange(length)[None], self.decoder_positions)
         x = self.embed_dropout(self.decoder_ln_embedding(x), deterministic=deterministic)
         if decode:
+            if decoder_attention_mask is not None:
+                raise ValueError(
+                    "decoder_attention_mask is not supported with decode=True: cached decoding writes every row "
+                    "at the same position, so decoder inputs cannot be padded"
+                )
             self_bias = None  # the cache builds the causal bias from its index
         else:
             self_bias = causal_bias(length)
