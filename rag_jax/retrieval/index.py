@@ -192,10 +192,10 @@ class ScannParams:
     anisotropic_quantization_threshold: float = 0.2
     reorder_k: int = 200
     # Where the exact re-ordering reads vectors: the memory-mapped float32
-    # store ("memmap", default: only the 4-bit hashed codes stay resident,
-    # ~7% of float32, and re-ordering is exact; measured recall is higher than
+    # store ("memmap", default: only the hashed codes and partitions stay
+    # resident, ~13% of float32 at 768-d, and re-ordering is exact; recall is higher than
     # int8 at equal speed while the store is in the page cache), ScaNN's own
-    # copy ("int8" ~33% of float32 resident, "bfloat16", "float32"), or
+    # copy ("int8" ~38% of float32 resident, "bfloat16", "float32"), or
     # nowhere ("none": hashed scores only).
     reorder_dtype: str = "memmap"
     num_neighbors: int = 10
