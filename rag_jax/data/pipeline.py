@@ -209,8 +209,10 @@ def dataset_from_config(cfg: Any, workdir: str | os.PathLike) -> "os.PathLike":
 
     Splits: ``train`` (one row per answer), ``validation`` and ``test`` (one
     row per question); empty file fields are skipped. ``cfg.data.dataset_dir``
-    defaults to ``workdir/data``. Every process builds its own copy when the
-    directory is host-local; on a shared filesystem let process 0 build first.
+    defaults to ``workdir/data``. With several processes, process 0 builds
+    first and the others wait at a barrier, then build or reuse: reuse on a
+    shared filesystem, their own copy on a host-local disk (two writers racing
+    on one directory is what the barrier prevents).
     """
     from pathlib import Path
 
@@ -219,7 +221,18 @@ def dataset_from_config(cfg: Any, workdir: str | os.PathLike) -> "os.PathLike":
     if not files:
         raise ValueError("config.data: no train_file, dev_file or test_file set")
     out = d.dataset_dir or str(Path(workdir) / "data")
-    return tfds_builders.build_qa_dataset(files, out, fmt=d.format, pair_splits=("train",))
+
+    def build() -> "os.PathLike":
+        return tfds_builders.build_qa_dataset(files, out, fmt=d.format, pair_splits=("train",))
+
+    index, count = process_shard()
+    if count == 1:
+        return build()
+    from jax.experimental import multihost_utils
+
+    path = build() if index == 0 else None
+    multihost_utils.sync_global_devices("rag_jax_qa_dataset_built")
+    return path if path is not None else build()
 
 
 def train_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, global_batch: int) -> QALoader:
