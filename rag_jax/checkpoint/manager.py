@@ -138,7 +138,6 @@ class CheckpointManager:
         saved = self._mngr.save(step, args=args, force=True)
         if saved:
             self._started.add(step)
-        if saved:
             log.info("checkpoint step %d started (%s)", step, self.directory)
         return bool(saved)
 
@@ -172,9 +171,9 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         """Finalized steps, ascending (tmp directories of unfinished saves excluded)."""
         # No ``reload()`` here: it races with a running async save's
-        # bookkeeping (keep-N deletions). Orbax already hides tmp dirs; also demand the metadata file orbax
-        # writes at finalization, so a step directory copied or truncated by
-        # hand is not taken for a complete checkpoint either.
+        # bookkeeping (keep-N deletions). Orbax already hides tmp dirs; also
+        # demand the metadata file orbax writes at finalization, so a step
+        # directory copied or truncated by hand is not taken as complete.
         return sorted(
             int(s) for s in self._mngr.all_steps()
             if (self.directory / str(s) / "_CHECKPOINT_METADATA").exists()
