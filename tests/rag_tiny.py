@@ -16,7 +16,10 @@ GEN = dict(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=2, encoder
            init_std=0.5, dropout=0.0)
 
 
-def build(variant: str, std: float = 0.5, seed: int = 0, n_docs: int = 3, **rag_kw):
+def build(variant: str, std: float = 0.5, seed: int = 0, n_docs: int = 3, eos_bias: float | None = None, **rag_kw):
+    """``eos_bias``: identity LayerNorms and a zero logits bias except ``eos_bias``
+    on ``</s>``, so that greedy/beam outputs vary across contexts and lengths
+    (with every parameter at std 0.5 one token wins everywhere)."""
     torch.manual_seed(seed)
     cfg = RagConfig.from_question_encoder_generator_configs(DPRConfig(**QE), BartConfig(**GEN), n_docs=n_docs, **rag_kw)
     cls = RagSequenceForGeneration if variant == "sequence" else RagTokenForGeneration
@@ -25,6 +28,12 @@ def build(variant: str, std: float = 0.5, seed: int = 0, n_docs: int = 3, **rag_
         for _, p in model.named_parameters():
             p.normal_(0.0, std)
         model.rag.generator.final_logits_bias.normal_(0.0, std)
+        if eos_bias is not None:
+            for name, p in model.named_parameters():
+                if "norm" in name.lower():
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+            model.rag.generator.final_logits_bias.zero_()
+            model.rag.generator.final_logits_bias[0, EOS] = eos_bias
     return model
 
 

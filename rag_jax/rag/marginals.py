@@ -72,9 +72,14 @@ def sequence_nll(
     epsilon: float = 0.0,
     exclude_bos_score: bool = False,
     inputs_are_log_probs: bool = False,
+    use_bos: jax.Array | None = None,
 ) -> jax.Array:
     """RAG-Sequence loss per example ``[B]``:
-    ``-log sum_z p(z|x) prod_t p(y_t|x,z,y<t)`` (label-smoothed by ``epsilon``)."""
+    ``-log sum_z p(z|x) prod_t p(y_t|x,z,y<t)`` (label-smoothed by ``epsilon``).
+
+    ``use_bos`` (bool ``[B]``) overrides HF's batch-wide decision of whether
+    the first target is a droppable ``bos``; batched re-scoring passes one
+    decision per example, as HF's per-example loop makes it."""
     labels = jnp.asarray(labels, jnp.int32)
     _check(logits, doc_scores, labels)
     vocab = logits.shape[-1]
@@ -91,11 +96,11 @@ def sequence_nll(
     tok = jnp.where(keep, tok, 0.0)
     smooth = jnp.where(keep, smooth, 0.0)
 
-    if exclude_bos_score and bos_token_id is not None:
-        use_bos = jnp.all(target[:, 0] == bos_token_id)
-        first = jnp.where(use_bos, 0.0, 1.0)
-        weights = jnp.concatenate([first[None], jnp.ones(target.shape[1] - 1)])
-        tok = tok * weights[None, None, :]
+    if exclude_bos_score and (bos_token_id is not None or use_bos is not None):
+        if use_bos is None:
+            use_bos = jnp.broadcast_to(jnp.all(target[:, 0] == bos_token_id), target.shape[:1])
+        drop_first = jnp.asarray(use_bos, bool)[:, None, None] & (steps == 0)[None, None, :]
+        tok = jnp.where(drop_first, 0.0, tok)
     ll = jax.nn.logsumexp(tok.sum(-1), axis=1)  # over documents
     smooth_ll = jax.nn.logsumexp(smooth.sum(-1), axis=1)
     return (1.0 - epsilon) * (-ll) + (epsilon / vocab) * (-smooth_ll)

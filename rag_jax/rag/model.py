@@ -239,8 +239,15 @@ class RagModel:
         length_penalty: float = 1.0,
         early_stopping: bool | str = False,
         decoding: str = "thorough",
+        hf_unmasked_candidates: bool = False,
     ) -> np.ndarray:
-        """Token ids ``[B, T']`` (decoder start token first, as HF ``generate``)."""
+        """Token ids ``[B, T']`` (decoder start token first, as HF ``generate``).
+
+        RAG-Sequence: ``decoding="thorough"`` re-scores every candidate under
+        every document, ``"fast"`` gives a candidate probability 0 under the
+        documents whose beam lacks it. ``hf_unmasked_candidates=True`` copies
+        an HF quirk (its per-document beams ignore the context padding mask)
+        for bit-exact comparisons."""
         from rag_jax.rag import decoding as dec
 
         ids, mask, scores = _check_context(context_input_ids, context_attention_mask, doc_scores)
@@ -259,6 +266,7 @@ class RagModel:
             return dec.rag_sequence_generate(
                 self.config.generator, self.params["generator"], ids, mask, scores, opts,
                 decoding=decoding, bos_token_id=self.config.bos_token_id,
+                epsilon=self.config.rag.label_smoothing, hf_unmasked_candidates=hf_unmasked_candidates,
             )
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 

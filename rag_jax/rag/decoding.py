@@ -1,0 +1,351 @@
+"""Jitted RAG decoding: RAG-Token greedy/beam search over the document-
+marginalised next-token distribution, and RAG-Sequence per-document beams
+re-scored by "thorough" or "fast" decoding, batched over examples.
+
+Search semantics follow HF ``generate`` (transformers 5): greedy as
+``_sample`` (finished rows padded), beam search as the vectorised
+``_beam_search`` (2 * num_beams candidates per step, finished hypotheses
+ranked by ``score / length ** length_penalty``, the same early-stopping
+heuristic) with the ``min_length`` / ``forced_bos`` / ``forced_eos`` logits
+processors. Everything runs inside ``lax.while_loop`` over fixed shapes
+(``[.., max_length]`` buffers) with the BART decoder cache; only the final
+trimming to the longest generated row happens on the host.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rag_jax.models.bart import Bart, BartConfig, decode_step, init_cache, reorder_cache
+from rag_jax.rag import marginals
+
+NEG = -1.0e9  # HF's "impossible" score offset (kept finite, as HF does)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    num_beams: int = 1
+    max_length: int = 20
+    min_length: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    pad_token_id: int = 1
+    eos_token_id: int = 2
+    decoder_start_token_id: int = 2
+    forced_eos_token_id: int | None = 2
+    forced_bos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (start token + one token), got {self.max_length}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+
+# StepFn: (cache, tokens [N]) -> (next-token logits [N, V] as HF's model
+# returns them, cache). Log-softmax is applied by the search, as HF does.
+StepFn = Callable[[Any, jax.Array], tuple[jax.Array, Any]]
+
+
+def _process(lp: jax.Array, cur_len: jax.Array, o: DecodeOptions) -> jax.Array:
+    """HF's logits processors in HF's order: min_length, forced BOS, forced EOS.
+    ``cur_len`` is the length of the sequences so far (start token included)."""
+    vocab = jnp.arange(lp.shape[-1])
+    if o.min_length > 0:
+        lp = jnp.where((cur_len < o.min_length) & (vocab == o.eos_token_id)[None], -jnp.inf, lp)
+    if o.forced_bos_token_id is not None:
+        forced = jnp.where(vocab == o.forced_bos_token_id, 0.0, -jnp.inf)[None]
+        lp = jnp.where(cur_len == 1, forced, lp)
+    if o.forced_eos_token_id is not None:
+        forced = jnp.where(vocab == o.forced_eos_token_id, 0.0, -jnp.inf)[None]
+        lp = jnp.where(cur_len == o.max_length - 1, forced, lp)
+    return lp
+
+
+def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[b, idx[b, j]]`` for ``x [B, M, ...]``, ``idx [B, J]``."""
+    return jax.vmap(lambda a, i: a[i])(x, idx)
+
+
+# ---------------------------------------------------------------------------
+# Searches (pure; called inside jit)
+# ---------------------------------------------------------------------------
+
+
+def greedy_search(step_fn: StepFn, cache: Any, n: int, o: DecodeOptions) -> dict[str, jax.Array]:
+    """-> ``sequences [n, max_length]`` (pad after eos) and, per row, the summed
+    unprocessed log-probs of the generated tokens (``raw``) and of the first one (``raw_first``)."""
+    t_max = o.max_length
+    seqs = jnp.full((n, t_max), o.pad_token_id, jnp.int32).at[:, 0].set(o.decoder_start_token_id)
+    init = (jnp.int32(1), seqs, jnp.ones((n,), bool), cache, jnp.zeros((n,)), jnp.zeros((n,)))
+
+    def cond(s: tuple) -> jax.Array:
+        cur_len, _, unfinished, *_ = s
+        return (cur_len < t_max) & jnp.any(unfinished)
+
+    def body(s: tuple) -> tuple:
+        cur_len, seqs, unfinished, cache, raw, raw_first = s
+        tokens = jax.lax.dynamic_index_in_dim(seqs, cur_len - 1, axis=1, keepdims=False)
+        logits, cache = step_fn(cache, tokens)
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nxt = jnp.argmax(_process(lp, cur_len, o), axis=-1).astype(jnp.int32)
+        nxt = jnp.where(unfinished, nxt, o.pad_token_id)
+        # raw sums mirror HF re-scoring, which masks every target equal to pad
+        tok_lp = jnp.where(unfinished & (nxt != o.pad_token_id), jnp.take_along_axis(lp, nxt[:, None], -1)[:, 0], 0.0)
+        raw_first = jnp.where(cur_len == 1, tok_lp, raw_first)
+        seqs = jax.lax.dynamic_update_index_in_dim(seqs, nxt, cur_len, axis=1)
+        unfinished = unfinished & ~((nxt == o.eos_token_id) | (cur_len + 1 >= t_max))
+        return cur_len + 1, seqs, unfinished, cache, raw + tok_lp, raw_first
+
+    _, seqs, _, _, raw, raw_first = jax.lax.while_loop(cond, body, init)
+    return {"sequences": seqs, "raw": raw, "raw_first": raw_first}
+
+
+def beam_search(
+    step_fn: StepFn, reorder_fn: Callable[[Any, jax.Array], Any], cache: Any, batch: int, o: DecodeOptions,
+    vocab_size: int,
+) -> dict[str, jax.Array]:
+    """HF's vectorised beam search. Rows of ``step_fn`` are ``batch * num_beams``
+    (beam-major within an example). Returns the finished hypotheses sorted best
+    first: ``sequences [B, nb, max_length]``, ``scores [B, nb]`` (length-
+    normalised, as HF ``sequences_scores``), ``lengths [B, nb]`` (generated
+    tokens) and the unprocessed log-prob sums ``raw``/``raw_first``."""
+    nb, t_max, v = o.num_beams, o.max_length, vocab_size
+    keep = 2 * nb  # HF: max(2, 1 + number of eos ids) * num_beams, one eos id here
+    fill = (o.pad_token_id or o.eos_token_id)
+    lp_pow = o.length_penalty
+    run_seq = jnp.full((batch, nb, t_max), fill, jnp.int32).at[:, :, 0].set(o.decoder_start_token_id)
+    f32 = jnp.float32
+    state = dict(
+        cur_len=jnp.int32(1), done=jnp.bool_(False), cache=cache,
+        run_seq=run_seq, run_score=jnp.zeros((batch, nb), f32).at[:, 1:].set(NEG),
+        run_len=jnp.zeros((batch, nb), jnp.int32), run_raw=jnp.zeros((batch, nb), f32),
+        run_raw0=jnp.zeros((batch, nb), f32),
+        seq=run_seq, score=jnp.full((batch, nb), NEG, f32), fin=jnp.zeros((batch, nb), bool),
+        length=jnp.zeros((batch, nb), jnp.int32), raw=jnp.zeros((batch, nb), f32), raw0=jnp.zeros((batch, nb), f32),
+        unsat=jnp.ones((batch, 1), bool),
+    )
+    in_top = (jnp.arange(keep) < nb)[None]
+    offsets = (jnp.arange(batch) * nb)[:, None]
+
+    def body(s: dict) -> dict:
+        cur_len = s["cur_len"]
+        tokens = jax.lax.dynamic_index_in_dim(s["run_seq"], cur_len - 1, axis=2, keepdims=False).reshape(-1)
+        logits, cache = step_fn(s["cache"], tokens)
+        raw_lp = jax.nn.log_softmax(logits.astype(f32), axis=-1)
+        lp = _process(raw_lp, cur_len, o)
+        acc = (lp.reshape(batch, nb, v) + s["run_score"][:, :, None]).reshape(batch, nb * v)
+        top_lp, top_idx = jax.lax.top_k(acc, keep)
+        beam = top_idx // v
+        tok = (top_idx % v).astype(jnp.int32)
+        top_seq = jax.lax.dynamic_update_index_in_dim(_rows(s["run_seq"], beam), tok, cur_len, axis=2)
+        tok_raw = jnp.take_along_axis(raw_lp.reshape(batch, nb * v), top_idx, axis=1)
+        tok_raw = jnp.where(tok == o.pad_token_id, 0.0, tok_raw)  # HF re-scoring masks pad targets
+        top_raw = _rows(s["run_raw"], beam) + tok_raw
+        top_raw0 = jnp.where(cur_len == 1, tok_raw, _rows(s["run_raw0"], beam))
+        top_len = _rows(s["run_len"], beam) + 1
+        hits = (tok == o.eos_token_id) | (cur_len + 1 >= t_max)
+
+        # beams that go on
+        run_lp = top_lp + hits.astype(f32) * NEG
+        nxt = jax.lax.top_k(run_lp, nb)[1]
+        src_beam = _rows(beam, nxt)
+        out = dict(
+            run_seq=_rows(top_seq, nxt), run_score=_rows(run_lp, nxt), run_len=_rows(top_len, nxt),
+            run_raw=_rows(top_raw, nxt), run_raw0=_rows(top_raw0, nxt),
+        )
+
+        # finished hypotheses
+        just = hits & in_top
+        fin_lp = top_lp / (cur_len.astype(f32) ** lp_pow)
+        full = jnp.all(s["fin"], axis=-1, keepdims=True) & (o.early_stopping is True)
+        fin_lp = fin_lp + full.astype(f32) * NEG + (~s["unsat"]).astype(f32) * NEG + (~just).astype(f32) * NEG
+        m_score = jnp.concatenate([s["score"], fin_lp], 1)
+        pick = jax.lax.top_k(m_score, nb)[1]
+        merge = lambda a, b: _rows(jnp.concatenate([a, b], 1), pick)  # noqa: E731
+        out.update(
+            seq=merge(s["seq"], top_seq), score=_rows(m_score, pick), fin=merge(s["fin"], just),
+            length=merge(s["length"], top_len), raw=merge(s["raw"], top_raw), raw0=merge(s["raw0"], top_raw0),
+        )
+        out["cache"] = reorder_fn(cache, (src_beam + offsets).reshape(-1))
+
+        cur_len = cur_len + 1
+        if o.early_stopping == "never" and lp_pow > 0.0:
+            best_len = jnp.float32(t_max - 1)
+        else:
+            best_len = (cur_len - 1).astype(f32)
+        best = out["run_score"][:, :1] / best_len ** lp_pow
+        worst = jnp.where(out["fin"], jnp.min(out["score"], axis=1, keepdims=True), NEG)
+        unsat = s["unsat"] & jnp.any(best > worst, axis=-1, keepdims=True)
+        go_on = jnp.any(unsat) & ~(jnp.all(out["fin"]) & (o.early_stopping is True)) & ~jnp.all(hits)
+        out.update(cur_len=cur_len, unsat=unsat, done=~go_on)
+        return out
+
+    s = jax.lax.while_loop(lambda s: ~s["done"], body, state)
+    return {"sequences": s["seq"], "scores": s["score"], "lengths": s["length"], "raw": s["raw"], "raw_first": s["raw0"]}
+
+
+# ---------------------------------------------------------------------------
+# RAG-Token
+# ---------------------------------------------------------------------------
+
+
+def _encode(model: Bart, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, ids, mask, method=Bart.encode)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _rag_token(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,
+               o: DecodeOptions) -> jax.Array:
+    model = Bart(gen_config)
+    b, k, l = ctx.shape
+    nb = o.num_beams
+    enc = _encode(model, params, ctx.reshape(b * k, l), mask.reshape(b * k, l))
+    # rows ordered (example, beam, doc), as HF's extend_enc_output
+    enc = jnp.broadcast_to(enc.reshape(b, 1, k, l, -1), (b, nb, k, l, enc.shape[-1])).reshape(b * nb * k, l, -1)
+    emask = jnp.broadcast_to(mask.reshape(b, 1, k, l), (b, nb, k, l)).reshape(b * nb * k, l)
+    doc_lp = jnp.repeat(jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1), nb, axis=0)  # [B*nb, K]
+    cache = init_cache(model, params, enc, emask, o.max_length)
+
+    def step(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        logits, cache = decode_step(model, params, cache, jnp.repeat(tokens, k), None, emask)
+        lp = jax.nn.log_softmax(logits.reshape(-1, k, logits.shape[-1]), axis=-1)
+        return jax.nn.logsumexp(lp + doc_lp[:, :, None], axis=1), cache
+
+    def reorder(cache: Any, idx: jax.Array) -> Any:
+        return reorder_cache(cache, (idx[:, None] * k + jnp.arange(k)[None]).reshape(-1))
+
+    if nb == 1:
+        return greedy_search(step, cache, b, o)["sequences"]
+    return beam_search(step, reorder, cache, b, o, gen_config.vocab_size)["sequences"][:, 0]
+
+
+def _trim(seqs: np.ndarray, eos: int) -> np.ndarray:
+    """Cuts the shared padding tail: HF returns ``1 + max generated length`` columns."""
+    return seqs[:, : 1 + int(generated_lengths(seqs, eos).max())]
+
+
+def generated_lengths(seqs: np.ndarray, eos: int) -> np.ndarray:
+    """Tokens generated after the start token: through the first eos, else to the end."""
+    seqs = np.asarray(seqs)
+    body = seqs[..., 1:] == eos
+    first = np.where(body.any(-1), body.argmax(-1) + 1, body.shape[-1])
+    return first
+
+
+def rag_token_generate(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,
+                       o: DecodeOptions) -> np.ndarray:
+    seqs = np.asarray(_rag_token(gen_config, params, ctx, mask, scores, o))
+    return _trim(seqs, o.eos_token_id)
+
+
+# ---------------------------------------------------------------------------
+# RAG-Sequence
+# ---------------------------------------------------------------------------
+
+
+def _per_doc_beams(model: Bart, params: Any, enc: jax.Array, emask: jax.Array, o: DecodeOptions,
+                   vocab: int) -> dict[str, jax.Array]:
+    """Plain BART search for every (example, document) row: ``[N, nb, T]``."""
+    n = enc.shape[0]
+    nb = o.num_beams
+    enc = jnp.repeat(enc, nb, axis=0)
+    emask = jnp.repeat(emask, nb, axis=0)
+    cache = init_cache(model, params, enc, emask, o.max_length)
+
+    def step(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        return decode_step(model, params, cache, tokens, None, emask)
+
+    if nb == 1:
+        out = greedy_search(step, cache, n, o)
+        return {k: v[:, None] for k, v in out.items()}
+    return beam_search(step, reorder_cache, cache, n, o, vocab)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def _rag_sequence(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,
+                  o: DecodeOptions, decoding: str, bos_token_id: int | None, epsilon: float,
+                  hf_unmasked_candidates: bool) -> dict[str, jax.Array]:
+    model = Bart(gen_config)
+    b, k, l = ctx.shape
+    nb, t_max = o.num_beams, o.max_length
+    flat_ids, flat_mask = ctx.reshape(b * k, l), mask.reshape(b * k, l)
+    enc = _encode(model, params, flat_ids, flat_mask)
+    if hf_unmasked_candidates:
+        # HF RagSequenceForGeneration.generate passes attention_mask=None to the
+        # generator's generate, so candidate beams attend to the padding too.
+        ones = jnp.ones_like(flat_mask)
+        beams = _per_doc_beams(model, params, _encode(model, params, flat_ids, ones), ones, o, gen_config.vocab_size)
+    else:
+        beams = _per_doc_beams(model, params, enc, flat_mask, o, gen_config.vocab_size)
+    c = k * nb
+    cand = beams["sequences"].reshape(b, c, t_max)  # candidate c = (doc, beam)
+    same = jnp.all(cand[:, :, None, :] == cand[:, None, :, :], axis=-1)  # [B, C, C]
+    earlier = jnp.arange(c)[None, :] < jnp.arange(c)[:, None]
+    valid = ~jnp.any(same & earlier[None], axis=-1)  # HF de-duplicates, keeping first occurrences
+    # HF scores candidates with exclude_bos_score=True; "bos" counts only if every
+    # candidate of the example has it as its first target.
+    if bos_token_id is None:
+        use_bos = jnp.zeros((b,), bool)
+    else:
+        use_bos = jnp.all((cand[:, :, 1] == bos_token_id) | ~valid, axis=-1)
+    doc_lp = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+
+    if decoding == "thorough":
+        def score_one(labels: jax.Array) -> jax.Array:  # labels [B, T] -> loss [B]
+            dec = jnp.repeat(labels, k, axis=0)
+            logits = model.apply({"params": params}, dec, enc, flat_mask, method=Bart.decode)
+            return marginals.sequence_nll(
+                logits.reshape(b, k, t_max, -1), scores, labels, pad_token_id=o.pad_token_id,
+                bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=True, use_bos=use_bos,
+            )
+
+        loss = jax.lax.map(score_one, jnp.swapaxes(cand, 0, 1), batch_size=nb).T  # [B, C]
+        score = -loss
+    elif decoding == "fast":
+        # p(y | x, z) = 0 unless y is in z's beam; there, the beam's own log-prob.
+        seq_z = beams["sequences"].reshape(b, k, nb, t_max)
+        own = (beams["raw"] - jnp.where(jnp.repeat(use_bos, k)[:, None], beams["raw_first"], 0.0)).reshape(b, k, nb)
+        hit = jnp.all(cand[:, :, None, None, :] == seq_z[:, None], axis=-1)  # [B, C, K, nb]
+        per_doc = jnp.max(jnp.where(hit, own[:, None], -jnp.inf), axis=-1)  # [B, C, K]
+        # As in thorough (HF get_nll), the prior rides on target step 1 and is
+        # masked with it when that target is padding (one-token candidates).
+        third = cand[:, :, 2] if t_max > 2 else jnp.full(cand.shape[:2], o.pad_token_id)
+        prior_kept = (third != o.pad_token_id)[:, :, None]
+        score = jax.nn.logsumexp(per_doc + jnp.where(prior_kept, doc_lp[:, None, :], 0.0), axis=-1)
+    else:
+        raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
+    score = jnp.where(valid, score, -jnp.inf)
+    best = jnp.argmax(score, axis=-1)
+    return {"best": _rows(cand, best[:, None])[:, 0], "candidates": cand, "valid": valid, "scores": score}
+
+
+def rag_sequence_candidates(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array,
+                            scores: jax.Array, o: DecodeOptions, decoding: str = "thorough",
+                            bos_token_id: int | None = 0, epsilon: float = 0.0,
+                            hf_unmasked_candidates: bool = False) -> dict[str, np.ndarray]:
+    """Every candidate with its marginal score (``-inf`` for duplicates) and the best one.
+
+    ``hf_unmasked_candidates=True`` reproduces HF exactly: its per-document
+    candidate search ignores ``context_attention_mask`` (attends to padding);
+    re-scoring uses the mask either way. Without padding both agree."""
+    out = _rag_sequence(gen_config, params, ctx, mask, scores, o, decoding, bos_token_id, float(epsilon),
+                        bool(hf_unmasked_candidates))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def rag_sequence_generate(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,
+                          o: DecodeOptions, decoding: str = "thorough", bos_token_id: int | None = 0,
+                          epsilon: float = 0.0, hf_unmasked_candidates: bool = False) -> np.ndarray:
+    out = rag_sequence_candidates(gen_config, params, ctx, mask, scores, o, decoding, bos_token_id, epsilon,
+                                  hf_unmasked_candidates)
+    # HF pads every example to the longest candidate any document produced.
+    width = 1 + int(generated_lengths(out["candidates"], o.eos_token_id).max())
+    return out["best"][:, :width]
