@@ -38,7 +38,7 @@ def _say(msg: str) -> None:
 
 
 # Sizes: the full demo (about 20 CPU-minutes on 2 cores) and --quick (a smoke test).
-FULL = dict(world=dict(), steps=600, batch=16, n_docs=4, eval_examples=300, swap_examples=144)
+FULL = dict(world=dict(), steps=300, batch=8, n_docs=3, eval_examples=200, swap_examples=144)
 QUICK = dict(world=dict(num_people=60, num_orgs=20, num_cities=20, num_countries=4, num_rivers=8),
              steps=30, batch=8, n_docs=3, eval_examples=24, swap_examples=16)
 
@@ -70,6 +70,11 @@ def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any
     c.train.freeze_question_encoder = frozen
     c.train.closed_book = closed
     c.train.log_every = max(1, sizes["steps"] // 10)
+    # Questions are short (about 12 MiniLM tokens); 24 halves the question
+    # encoder's cost against the config's 32.
+    c.data.max_source_length = 24
+    c.train.lr = 1e-3
+    c.train.warmup_steps = max(1, sizes["steps"] // 10)
     c.checkpoint.every = max(1, sizes["steps"] // 3)
     c.eval.every = sizes["steps"] * 10  # final evaluation only
     c.eval.max_examples = sizes["eval_examples"]

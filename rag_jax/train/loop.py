@@ -195,7 +195,7 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
         n_docs=1 if closed else config.retrieval.n_docs, max_question_length=config.data.max_source_length,
         max_combined_length=config.data.max_combined_length, max_target_length=config.data.max_target_length,
         label_smoothing=config.train.label_smoothing, exclude_bos_score=config.train.exclude_bos_score,
-        closed_book=closed,
+        closed_book=closed, freeze_question_encoder=bool(config.train.freeze_question_encoder),
     )
 
 

@@ -14,11 +14,12 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rag_jax.data.tokenize import TextTokenizer
 from rag_jax.rag.inputs import build_context_strings
-from rag_jax.rag.model import RagConfig, question_embedding, rag_loss
+from rag_jax.rag.model import RagConfig, nll, question_embedding, rag_loss
 
 VARIANTS = ("sequence", "token")
 
@@ -37,6 +38,7 @@ class RagTask:
     label_smoothing: float = 0.0
     exclude_bos_score: bool = False
     closed_book: bool = False
+    freeze_question_encoder: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -107,6 +109,19 @@ class RagTask:
 
     def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
         """Mean marginal NLL over the batch, with dropout from ``rng``."""
+        if self.closed_book:
+            # One "document" (the question) with prior 1: plain BART NLL; the
+            # question encoder is not run at all.
+            ids = batch["context_input_ids"]
+            losses = nll(
+                self.config, params, ids, batch["context_attention_mask"],
+                jnp.zeros(ids.shape[:2], jnp.float32), batch["labels"], self.variant,
+                self.label_smoothing, self.exclude_bos_score, rng,
+            )
+            return jnp.mean(losses), {}
+        if self.freeze_question_encoder:
+            # No backward pass through a frozen retriever.
+            params = {**params, "question_encoder": jax.lax.stop_gradient(params["question_encoder"])}
         loss = rag_loss(
             params, batch, config=self.config, variant=self.variant, epsilon=self.label_smoothing,
             exclude_bos_score=self.exclude_bos_score, reduction="mean", dropout_rng=rng,
