@@ -60,6 +60,17 @@ class BartConfig:
 POSITION_OFFSET = 2  # HF BartLearnedPositionalEmbedding reads row position + 2
 
 
+def _ffn_block(c: BartConfig, x: jax.Array, ffn_dim: int, deterministic: bool) -> jax.Array:
+    """fc1 -> activation -> fc2, residual, post-LN; called inside a layer's
+    compact ``__call__`` so its submodules (fc1, fc2, final_ln) belong to that layer."""
+    kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
+    h = activation(c.activation_function)(Dense(ffn_dim, ("embed", "mlp"), name="fc1", **kw)(x))
+    h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
+    h = Dense(c.d_model, ("mlp", "embed"), name="fc2", **kw)(h)
+    h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
+    return LayerNorm(1e-5, c.dtype, c.param_dtype, name="final_ln")(x + h)
+
+
 class EncoderLayer(nn.Module):
     config: BartConfig
 
@@ -73,11 +84,7 @@ class EncoderLayer(nn.Module):
         )
         h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
         x = LayerNorm(1e-5, c.dtype, c.param_dtype, name="self_attn_ln")(x + h)
-        h = activation(c.activation_function)(Dense(c.encoder_ffn_dim, ("embed", "mlp"), name="fc1", **kw)(x))
-        h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
-        h = Dense(c.d_model, ("mlp", "embed"), name="fc2", **kw)(h)
-        h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
-        return LayerNorm(1e-5, c.dtype, c.param_dtype, name="final_ln")(x + h)
+        return _ffn_block(c, x, c.encoder_ffn_dim, deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -107,11 +114,7 @@ class DecoderLayer(nn.Module):
         )(x, enc, cross_bias, deterministic=deterministic, decode=decode)
         h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
         x = LayerNorm(1e-5, c.dtype, c.param_dtype, name="encoder_attn_ln")(x + h)
-        h = activation(c.activation_function)(Dense(c.decoder_ffn_dim, ("embed", "mlp"), name="fc1", **kw)(x))
-        h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
-        h = Dense(c.d_model, ("mlp", "embed"), name="fc2", **kw)(h)
-        h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
-        return LayerNorm(1e-5, c.dtype, c.param_dtype, name="final_ln")(x + h)
+        return _ffn_block(c, x, c.decoder_ffn_dim, deterministic)
 
 
 class Bart(nn.Module):
