@@ -36,6 +36,7 @@ def test_ablations_notebook_runs_and_prints_table(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbformat.write(nb, tmp_path / "ablations.executed.ipynb")  # kept for debugging a failure
 
     outputs = "".join(
         o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
