@@ -107,3 +107,23 @@ def test_closed_book_trains_without_index(paths, tmp_path):
     cfg.retrieval.index_dir = ""
     out = train_and_evaluate(cfg, tmp_path / "cb", verbose=False)
     assert all(np.isfinite(v) for v in out["losses"].values())
+
+
+def test_nan_loss_stops_without_overwriting_checkpoint(paths, tmp_path):
+    from rag_jax.checkpoint.manager import CheckpointManager, tree_all_finite
+
+    # An absurd learning rate without clipping makes the loss non-finite within a few steps.
+    cfg = tiny_config(paths, steps=12, global_batch_size=4, lr=1e12, warmup_steps=0, max_grad_norm=0.0,
+                      end_lr=0.0, schedule="constant")
+    cfg.checkpoint.every = 1
+    with pytest.raises(FloatingPointError, match="untouched") as err:
+        train_and_evaluate(cfg, tmp_path / "nan", verbose=False)
+    bad_step = int(str(err.value).split(":")[0].split()[-1])
+    mngr = CheckpointManager(tmp_path / "nan" / "checkpoints", every=1, async_save=False)
+    try:
+        last = mngr.latest_step()
+        assert last is not None and last < bad_step
+        state, _, _ = mngr.restore()
+        assert tree_all_finite(state["params"])
+    finally:
+        mngr.close()

@@ -20,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 
 from rag_jax.checkpoint.hf_rag import RagSettings
-from rag_jax.checkpoint.manager import CheckpointManager, PreemptionFlag
+from rag_jax.checkpoint.manager import CheckpointManager, PreemptionFlag, tree_all_finite
 from rag_jax.data import qa_formats
 from rag_jax.data.pipeline import make_loader
 from rag_jax.data.tfds_builders import build_qa_dataset, open_split
@@ -275,17 +275,16 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
             loss = float(metrics["loss"])
             done = step + 1
             if not math.isfinite(loss):
-                ckpt.wait()
-                ckpt.close()
-                raise FloatingPointError(
-                    f"step {done}: loss is {loss}; stopping. The last good checkpoint "
-                    f"(step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is untouched."
-                )
+                _stop_diverged(ckpt, done, f"loss is {loss}", workdir)
             losses[done] = loss
             if done % config.train.log_every == 0 or done == config.train.steps:
                 logger.log_train(done, {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
                                         "lr": float(schedule(done - 1))})
-            ckpt.save(done, state, {"loader": loader.get_state()})
+            if ckpt.should_save(done):
+                # A finite loss can still leave inf/NaN params after the update.
+                if not tree_all_finite(state.params):
+                    _stop_diverged(ckpt, done, "parameters became non-finite", workdir)
+                ckpt.save(done, state, {"loader": loader.get_state()})
             if config.eval.every and done % config.eval.every == 0 and done < config.train.steps and config.data.dev_file:
                 ev = run_eval(config, task, rag_model, jax.device_get(state.params), config.data.dev_file, verbose)
                 logger.write(done, {k: v for k, v in ev.items() if isinstance(v, float)}, "dev")
@@ -301,6 +300,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
                     print(f"[train] preempted: saved step {done}", flush=True)
                 break
         else:
+            if not tree_all_finite(state.params):
+                _stop_diverged(ckpt, int(state.step), "parameters became non-finite", workdir)
             ckpt.save(int(state.step), state, {"loader": loader.get_state()}, force=True)
     ckpt.wait()
     ckpt.close()
@@ -320,6 +321,16 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     results["models"] = models
     results["task"] = task
     return results
+
+
+def _stop_diverged(ckpt: CheckpointManager, step: int, why: str, workdir: Path) -> None:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    ckpt.close()
+    raise FloatingPointError(
+        f"step {step}: {why}; stopping. The last good checkpoint (step {last}) in "
+        f"{workdir / 'checkpoints'} is untouched."
+    )
 
 
 def _fmt_metrics(ev: dict[str, Any]) -> str:
