@@ -58,6 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     # optimisation identical across mesh sizes.
     t.global_batch_size = 0
     t.lr = 3e-5
+    # Learning-rate factor of the question encoder relative to train.lr
+    # (1.0 = the paper's single learning rate).
+    t.question_encoder_lr_scale = 1.0
     t.warmup_steps = 500
     t.schedule = "polynomial"  # polynomial | linear | constant
     t.end_lr = 1e-7  # HF polynomial schedule default

@@ -90,11 +90,18 @@ class RagPipeline:
         rag = load_rag(model_dir)
         defaults = {k: info[k] for k in ("n_docs", "variant", "max_question_length", "max_combined_length") if k in info}
         defaults.update({k: v for k, v in kw.items() if v is not None})
-        return cls(rag, Retriever(index_dir), **defaults)
+        pipe = cls(rag, Retriever(index_dir), **defaults)
+        pipe.index_encoder_fingerprint = want
+        return pipe
+
+    index_encoder_fingerprint: str | None = None
 
     def swap_index(self, index_dir: str | os.PathLike) -> None:
-        """Hot swap: answer from another index; model params are untouched."""
-        self.retriever.swap(index_dir)
+        """Hot swap: answer from another index; model params are untouched.
+
+        The new index must come from the same document encoder as the one the
+        model was trained with (checked when the export recorded it)."""
+        self.retriever.swap(index_dir, encoder_fingerprint=self.index_encoder_fingerprint)
 
     def retrieve(self, questions: Sequence[str], n_docs: int | None = None) -> dict[str, Any]:
         from rag_jax.rag.inputs import build_context_strings

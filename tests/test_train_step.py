@@ -112,3 +112,20 @@ def test_accumulation_rejects_indivisible_batch():
     state = create_state(_params(), tx, jax.random.PRNGKey(0), state_shardings(_boxed(), tx, single))
     with pytest.raises(ValueError, match="not divisible"):
         jax.jit(make_train_step(loss_fn, tx, accum_steps=3))(state, _batch(8))
+
+
+def test_question_encoder_lr_scale_is_a_per_group_learning_rate():
+    from rag_jax.train.optim import make_optimizer
+
+    params = {"question_encoder": {"w": jnp.ones(3)}, "generator": {"w": jnp.ones(3)}}
+    grads = {"question_encoder": {"w": jnp.array([1.0, -2.0, 3.0])}, "generator": {"w": jnp.array([1.0, -2.0, 3.0])}}
+    kw = dict(warmup_steps=0, total_steps=10, schedule="constant", weight_decay=0.1)
+    tx, _ = make_optimizer(1e-2, lr_scales={"question_encoder": 0.01}, **kw)
+    ref, _ = make_optimizer(1e-4, **kw)
+    u, _ = tx.update(grads, tx.init(params), params)
+    r, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(u["question_encoder"]["w"], r["question_encoder"]["w"], rtol=1e-5)
+    assert float(jnp.abs(u["generator"]["w"]).min()) > 50 * float(jnp.abs(u["question_encoder"]["w"]).max())
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        bad, _ = make_optimizer(1e-2, lr_scales={"retriever": 0.1}, **kw)
+        bad.update(grads, bad.init(params), params)

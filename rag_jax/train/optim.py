@@ -9,7 +9,7 @@ lr(0) = 0 under warm-up, exactly like HF.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Mapping, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,8 +134,12 @@ def make_optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     frozen: Sequence[str] = (),
+    lr_scales: Mapping[str, float] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(transformation, schedule). ``frozen`` path prefixes get zero updates.
+    """(transformation, schedule). ``frozen`` path prefixes get zero updates;
+    ``lr_scales`` maps top-level parameter groups to a learning-rate factor
+    (a pretrained question encoder fine-tuned next to a generator trained
+    from scratch wants a far smaller step).
 
     Clipping sees only trainable gradients (torch clips only parameters that
     require grad), and frozen leaves carry no Adam moments.
@@ -145,6 +149,8 @@ def make_optimizer(
     if max_grad_norm is not None and max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    if lr_scales:
+        parts.append(scale_groups(dict(lr_scales)))
     tx = optax.chain(*parts)
     if frozen:
         frozen = tuple(frozen)
@@ -153,6 +159,28 @@ def make_optimizer(
             lambda params: freeze_labels(params, frozen),
         )
     return tx, sched
+
+
+def scale_groups(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiplies the final updates of each named top-level group by its factor.
+
+    Applied after AdamW, this equals a per-group learning rate (decoupled
+    weight decay included, as torch's per-group ``lr`` does).
+    """
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        if not isinstance(updates, Mapping):
+            raise ValueError("lr_scales needs a dict of parameter groups")
+        unknown = set(scales) - set(updates)
+        if unknown:
+            raise ValueError(f"lr_scales names unknown parameter groups {sorted(unknown)}; have {sorted(updates)}")
+        out = dict(updates)
+        for name, factor in scales.items():
+            out[name] = jax.tree.map(lambda u, f=factor: u * f, updates[name])
+        return out, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def optimizer_from_config(train_cfg: Any, frozen: Sequence[str] = ()) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -169,4 +197,10 @@ def optimizer_from_config(train_cfg: Any, frozen: Sequence[str] = ()) -> tuple[o
         b2=train_cfg.adam_b2,
         eps=train_cfg.adam_eps,
         frozen=frozen,
+        lr_scales=_lr_scales(train_cfg),
     )
+
+
+def _lr_scales(train_cfg: Any) -> dict[str, float] | None:
+    scale = float(train_cfg.get("question_encoder_lr_scale", 1.0))
+    return None if scale == 1.0 else {"question_encoder": scale}
