@@ -175,38 +175,48 @@ def test_rejects_unknown_config(models, tmp_path):
 # --- properties ------------------------------------------------------------
 
 
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), t=st.integers(2, 6), eps=st.sampled_from([0.0, 0.2]))
-def test_one_document_is_plain_likelihood(seed, t, eps):
+_SEQ = jax.jit(marginals.sequence_nll, static_argnames=("pad_token_id", "bos_token_id", "exclude_bos_score"))
+_TOK = jax.jit(marginals.token_nll, static_argnames=("pad_token_id", "exclude_bos_score"))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n_real=st.integers(2, 6), eps=st.sampled_from([0.0, 0.2]))
+def test_one_document_is_plain_likelihood(seed, n_real, eps):
+    t = 6  # fixed shapes (one compile); the padding length varies instead
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 3, (2, 1, t, 11)).astype(np.float32)
     labels = rng.integers(3, 11, (2, t))
-    labels[1, t - 1:] = T.PAD
+    labels[1, n_real:] = T.PAD
     scores = rng.normal(size=(2, 1)).astype(np.float32)
-    lp = jax.nn.log_softmax(jnp.asarray(logits[:, 0]), -1)
+    lp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits[:, 0]), -1))
     tgt = np.concatenate([labels[:, 1:], np.full((2, 1), T.PAD)], 1)
     keep = tgt != T.PAD
-    tok = np.take_along_axis(np.asarray(lp), tgt[..., None], -1)[..., 0]
+    tok = np.take_along_axis(lp, tgt[..., None], -1)[..., 0]
     plain = -(tok * keep).sum(-1)
-    smooth = -(np.asarray(lp).sum(-1) * keep).sum(-1)
+    smooth = -(lp.sum(-1) * keep).sum(-1)
     want = (1 - eps) * plain + eps / 11 * smooth
-    for fn in (marginals.sequence_nll, marginals.token_nll):
+    for fn in (_SEQ, _TOK):
         got = fn(logits, scores, labels, pad_token_id=T.PAD, epsilon=eps)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-@settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), k=st.integers(2, 5), excl=st.booleans())
-def test_permuting_documents_changes_nothing(seed, k, excl):
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), excl=st.booleans())
+def test_permuting_documents_changes_nothing(seed, excl):
+    k = 4
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 3, (2, k, 5, 9)).astype(np.float32)
     scores = rng.normal(0, 3, (2, k)).astype(np.float32)
     labels = rng.integers(0, 9, (2, 5))
     perm = rng.permutation(k)
-    for fn in (marginals.sequence_nll, marginals.token_nll):
+    for fn in (_SEQ, _TOK):
         a = fn(logits, scores, labels, pad_token_id=T.PAD, epsilon=0.1, exclude_bos_score=excl)
         b = fn(logits[:, perm], scores[:, perm], labels, pad_token_id=T.PAD, epsilon=0.1, exclude_bos_score=excl)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+    # ...while moving a score to another document does change it
+    a = _SEQ(logits, scores, labels, pad_token_id=T.PAD, epsilon=0.1, exclude_bos_score=excl)
+    c = _SEQ(logits, scores[:, ::-1], labels, pad_token_id=T.PAD, epsilon=0.1, exclude_bos_score=excl)
+    assert not np.allclose(np.asarray(a), np.asarray(c))
 
 
 def test_bf16_logits_are_stable():

@@ -183,7 +183,7 @@ class RagModel:
         self.generator_tokenizer = generator_tokenizer
         self._nll = jax.jit(
             lambda p, ids, m, s, y, variant, eps, excl: nll(config, p, ids, m, s, y, variant, eps, excl),
-            static_argnums=(5, 6, 7),
+            static_argnums=(5, 7),  # epsilon stays traced: one compile for every value
         )
         self._decoders: dict[Any, Any] = {}
 
@@ -215,7 +215,7 @@ class RagModel:
             raise ValueError(f"labels must be [B, T] with B={ids.shape[0]}, got {labels.shape}")
         return self._nll(
             self.params, ids, mask, scores, jnp.asarray(labels, jnp.int32),
-            variant or self.config.rag.variant, float(epsilon), bool(exclude_bos_score),
+            variant or self.config.rag.variant, jnp.float32(epsilon), bool(exclude_bos_score),
         )
 
     def question_embedding(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> jax.Array:
