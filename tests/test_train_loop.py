@@ -17,6 +17,16 @@ def paths(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("train"))
 
 
+def _dir_digest(root):
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _leaves_with_paths(tree):
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -24,7 +34,12 @@ def _leaves_with_paths(tree):
 def test_sharded_training_learns_and_moves_question_encoder(paths, tmp_path):
     cfg = tiny_config(paths, steps=8, global_batch_size=8, lr=3e-3)
     cfg.mesh.shape = (2, 2, 2)
+    index_before = _dir_digest(paths["index"])
     out = train_and_evaluate(cfg, tmp_path / "run", verbose=False)
+    # The document encoder is not in the train state at all and the index it
+    # produced is byte-for-byte untouched (paper section 2.4).
+    assert set(out["params"]) == {"question_encoder", "generator"}
+    assert _dir_digest(paths["index"]) == index_before
     losses = out["losses"]
     assert len(losses) == 8
     assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]), losses
