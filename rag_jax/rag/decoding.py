@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models.bart import Bart, BartConfig, decode_step, init_cache, reorder_cache
+from rag_jax.models.bart import Bart, BartConfig, decode_step, init_cache
 from rag_jax.rag import marginals
 
 NEG = -1.0e9  # HF's "impossible" score offset (kept finite, as HF does)
@@ -67,6 +67,22 @@ def _process(lp: jax.Array, cur_len: jax.Array, o: DecodeOptions) -> jax.Array:
         forced = jnp.where(vocab == o.forced_eos_token_id, 0.0, -jnp.inf)[None]
         lp = jnp.where(cur_len == o.max_length - 1, forced, lp)
     return lp
+
+
+def reorder_self_cache(cache: Any, index: jax.Array) -> Any:
+    """Beam reordering that gathers only the self-attention caches.
+
+    Beams are only ever reordered within an example (and, for RAG-Token,
+    document by document), so the cross-attention K/V rows a beam moves to
+    already hold the same encoder states: gathering them would copy
+    ``[rows, L_ctx, H, Dh]`` per layer and step for nothing."""
+    def pick(path: tuple, x: jax.Array) -> jax.Array:
+        names = {getattr(p, "key", None) for p in path}
+        if x.ndim == 0 or "encoder_attn" in names:
+            return x
+        return jnp.take(x, index, axis=0)
+
+    return jax.tree_util.tree_map_with_path(pick, cache)
 
 
 def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -220,7 +236,7 @@ def _rag_token(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Ar
         return jax.nn.logsumexp(lp + doc_lp[:, :, None], axis=1), cache
 
     def reorder(cache: Any, idx: jax.Array) -> Any:
-        return reorder_cache(cache, (idx[:, None] * k + jnp.arange(k)[None]).reshape(-1))
+        return reorder_self_cache(cache, (idx[:, None] * k + jnp.arange(k)[None]).reshape(-1))
 
     if nb == 1:
         return greedy_search(step, cache, b, o)["sequences"]
@@ -266,7 +282,7 @@ def _per_doc_beams(model: Bart, params: Any, enc: jax.Array, emask: jax.Array, o
     if nb == 1:
         out = greedy_search(step, cache, n, o)
         return {k: v[:, None] for k, v in out.items()}
-    return beam_search(step, reorder_cache, cache, n, o, vocab)
+    return beam_search(step, reorder_self_cache, cache, n, o, vocab)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
