@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models.bart import Bart, BartConfig, decode_step, init_cache
+from rag_jax.models.bart import Bart, BartConfig, decode_step, decode_tokens, init_cache
 from rag_jax.rag import marginals
 
 NEG = -1.0e9  # HF's "impossible" score offset (kept finite, as HF does)
@@ -315,15 +315,20 @@ def _rag_sequence(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax
     doc_lp = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
 
     if decoding == "thorough":
+        # Cross-attention K/V of every (example, document) are projected once
+        # and shared by all candidates; HF re-runs the encoder per candidate.
+        fresh = init_cache(model, params, enc, flat_mask, t_max)
+
         def score_one(labels: jax.Array) -> jax.Array:  # labels [B, T] -> loss [B]
             dec = jnp.repeat(labels, k, axis=0)
-            logits = model.apply({"params": params}, dec, enc, flat_mask, method=Bart.decode)
+            logits, _ = decode_tokens(model, params, fresh, dec, None, flat_mask)
             return marginals.sequence_nll(
                 logits.reshape(b, k, t_max, -1), scores, labels, pad_token_id=o.pad_token_id,
                 bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=True, use_bos=use_bos,
             )
 
-        loss = jax.lax.map(score_one, jnp.swapaxes(cand, 0, 1), batch_size=nb).T  # [B, C]
+        # one candidate at a time keeps the [B, K, T, V] log-probs small
+        loss = jax.lax.map(score_one, jnp.swapaxes(cand, 0, 1)).T  # [B, C]
         score = -loss
     elif decoding == "fast":
         # p(y | x, z) = 0 unless y is in z's beam; there, the beam's own log-prob.
