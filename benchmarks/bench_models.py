@@ -16,7 +16,6 @@ from common import machine, print_table, set_threads, timeit  # noqa: E402
 THREADS = set_threads()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import linen as nn  # noqa: E402

@@ -392,7 +392,7 @@ def run_aot_child(args) -> None:
                      f"{alias / GIB:.2f}", f"{tmp / GIB:.2f}", f"{code / 2**20:.1f} MiB", f"{peak / GIB:.2f}",
                      f"{t_lower:.0f}+{t_compile:.0f}"])
         print(rows[-1], f"{load_avg()}", flush=True)
-    lay = (f"BART-large 12+12 layers" if not args.layers or args.layers == 12
+    lay = ("BART-large 12+12 layers" if not args.layers or args.layers == 12
            else f"BART-large shapes with ONLY {args.layers}+{args.layers} layers (fallback; paper: 12+12)")
     print_table(
         f"AOT compile, paper scale (configs/rag_sequence_nq.py): BERT-base question encoder + {lay}, "

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from rag_jax.retrieval.corpus import (
-    Corpus,
     CorpusError,
     Passage,
     build_corpus,
@@ -16,7 +15,7 @@ from rag_jax.retrieval.corpus import (
     split_documents,
     write_corpus,
 )
-from rag_jax.retrieval.embeddings import EmbeddingStore, import_embeddings, write_store
+from rag_jax.retrieval.embeddings import import_embeddings, write_store
 from rag_jax.retrieval.index import (
     ExactIndex,
     IndexMismatchError,

@@ -1,7 +1,6 @@
 """Parameters land where the rules table says on a (2, 2, 2) mesh of 8 fake
 CPU devices, and sharded forward passes equal unsharded ones."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn

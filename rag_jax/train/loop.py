@@ -33,7 +33,7 @@ from rag_jax.rag.model import RagConfig, RagModel
 from rag_jax.train.evaluate import evaluate
 from rag_jax.train.logger import MetricLogger
 from rag_jax.train.optim import optimizer_from_config
-from rag_jax.train.state import TrainState, create_state, state_shardings
+from rag_jax.train.state import create_state, state_shardings
 from rag_jax.train.step import jit_train_step, make_train_step
 from rag_jax.train.task import RagTask
 
