@@ -20,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 
 from rag_jax.checkpoint.hf_rag import RagSettings
-from rag_jax.checkpoint.manager import CheckpointManager, PreemptionFlag, tree_all_finite
+from rag_jax.checkpoint.manager import CheckpointManager, PreemptionFlag
 from rag_jax.data import qa_formats
 from rag_jax.data.pipeline import make_loader
 from rag_jax.data.tfds_builders import build_qa_dataset, open_split
@@ -280,9 +280,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
             if done % config.train.log_every == 0 or done == config.train.steps:
                 logger.log_train(done, {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
                                         "lr": float(schedule(done - 1))})
+            # A finite loss can still leave inf/NaN params after the update.
+            params_finite = bool(metrics["params_finite"])
             if ckpt.should_save(done):
-                # A finite loss can still leave inf/NaN params after the update.
-                if not tree_all_finite(state.params):
+                if not params_finite:
                     _stop_diverged(ckpt, done, "parameters became non-finite", workdir)
                 ckpt.save(done, state, {"loader": loader.get_state()})
             if config.eval.every and done % config.eval.every == 0 and done < config.train.steps and config.data.dev_file:
@@ -294,13 +295,15 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
             if on_step is not None:
                 on_step(done)
             if preempt.requested:
+                if not params_finite:
+                    _stop_diverged(ckpt, done, "parameters became non-finite", workdir)
                 ckpt.save(done, state, {"loader": loader.get_state()}, force=True)
                 ckpt.wait()
                 if verbose:
                     print(f"[train] preempted: saved step {done}", flush=True)
                 break
         else:
-            if not tree_all_finite(state.params):
+            if int(state.step) > start and not params_finite:
                 _stop_diverged(ckpt, int(state.step), "parameters became non-finite", workdir)
             ckpt.save(int(state.step), state, {"loader": loader.get_state()}, force=True)
     ckpt.wait()

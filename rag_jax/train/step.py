@@ -62,7 +62,10 @@ def make_train_step(
             aux = jax.tree.map(lambda a: a * scale, aux)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        # Checked in-graph: one fused reduction instead of an eager op per
+        # (sharded) leaf on the host.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "params_finite": finite, **aux}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
