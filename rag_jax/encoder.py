@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rag_jax.checkpoint import hf_bert, hf_io
-from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer
+from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bert import BertConfig, DprEncoder
 
 
@@ -90,16 +91,8 @@ class Encoder:
         """Writes an HF directory (``DPRQuestionEncoder``/``DPRContextEncoder``/``BertModel``)."""
         kind = kind or self.kind
         state, hf_config = hf_bert.dpr_to_hf(self.config, self.params, kind)
-        extra = {}
-        if self.tokenizer is not None and self.tokenizer.source_dir:
-            from rag_jax.data.tokenize import TOKENIZER_FILES
-
-            extra = {
-                n: os.path.join(self.tokenizer.source_dir, n)
-                for n in TOKENIZER_FILES
-                if os.path.isfile(os.path.join(self.tokenizer.source_dir, n))
-            }
-        hf_io.write_hf_dir(path, state, hf_config, extra)
+        with tempfile.TemporaryDirectory() as tok_dir:
+            hf_io.write_hf_dir(path, state, hf_config, stage_tokenizer_files(self.tokenizer, tok_dir))
 
 
 def load_encoder(path: str | os.PathLike, dtype: Any = jnp.float32) -> Encoder:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from rag_jax.checkpoint import hf_bart, hf_io
-from rag_jax.data.tokenize import TOKENIZER_FILES, TextTokenizer, maybe_load_tokenizer
+from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bart import Bart, BartConfig
 
 
@@ -50,12 +50,7 @@ class Generator:
         tokenizer files, if there is a tokenizer)."""
         state, hf_config = hf_bart.bart_to_hf(self.config, self.params)
         with tempfile.TemporaryDirectory() as tok_dir:
-            extra = {}
-            if self.tokenizer is not None:
-                # Staged beside the weights so write_hf_dir stays atomic.
-                self.tokenizer.save(tok_dir)
-                extra = {n: os.path.join(tok_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tok_dir, n))}
-            hf_io.write_hf_dir(path, state, hf_config, extra)
+            hf_io.write_hf_dir(path, state, hf_config, stage_tokenizer_files(self.tokenizer, tok_dir))
 
 
 def load_generator(path: str | os.PathLike, dtype: Any = jnp.float32) -> Generator:

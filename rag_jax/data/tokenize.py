@@ -104,6 +104,23 @@ class TextTokenizer:
             (out / "tokenizer_config.json").write_text(json.dumps(_default_config(self.kind), indent=2))
 
 
+def stage_tokenizer_files(
+    tokenizer: "TextTokenizer | None", staging_dir: str | os.PathLike, subdir: str = ""
+) -> dict[str, str]:
+    """Saves ``tokenizer`` under ``staging_dir/subdir`` and returns
+    ``{"subdir/name": path}`` for ``hf_io.write_hf_dir``'s extra files, so the
+    tokenizer lands inside the atomically written checkpoint directory."""
+    if tokenizer is None:
+        return {}
+    out = Path(staging_dir) / subdir
+    tokenizer.save(out)
+    return {
+        (f"{subdir}/{name}" if subdir else name): str(out / name)
+        for name in TOKENIZER_FILES
+        if (out / name).is_file()
+    }
+
+
 def _default_config(kind: str) -> dict:
     if kind == "bert":
         return {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rag_jax.models.layers import Attention, Dense, Embed, LayerNorm, activation
+from rag_jax.models.layers import Attention, Dense, Embed, LayerNorm, activation, padding_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,7 @@ class DprEncoder(nn.Module):
         )
         x = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name="embeddings_ln")(x)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
-        big_neg = jnp.finfo(jnp.float32).min
-        bias = jnp.where(attention_mask[:, None, None, :].astype(bool), 0.0, big_neg).astype(jnp.float32)
+        bias = padding_bias(attention_mask)
         for i in range(c.num_hidden_layers):
             x = BertLayer(c, name=f"layer_{i}")(x, bias, deterministic)
         if return_sequence:

@@ -18,7 +18,7 @@ import numpy as np
 
 from rag_jax.checkpoint import hf_io, hf_rag
 from rag_jax.checkpoint.hf_rag import RagSettings
-from rag_jax.data.tokenize import TOKENIZER_FILES, TextTokenizer, maybe_load_tokenizer
+from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.rag import marginals
@@ -280,15 +280,10 @@ class RagModel:
             settings = dataclasses.replace(settings, variant=variant)
         state, hf_config = hf_rag.rag_to_hf(settings, self.config.question_encoder, self.config.generator, self.params)
         with tempfile.TemporaryDirectory() as tmp:
-            extra = {}
-            for sub, tok in ((hf_rag.QE_TOKENIZER_DIR, self.question_tokenizer),
-                             (hf_rag.GEN_TOKENIZER_DIR, self.generator_tokenizer)):
-                if tok is None:
-                    continue
-                tok.save(Path(tmp) / sub)
-                for name in TOKENIZER_FILES:
-                    if (Path(tmp) / sub / name).is_file():
-                        extra[f"{sub}/{name}"] = str(Path(tmp) / sub / name)
+            extra = {
+                **stage_tokenizer_files(self.question_tokenizer, tmp, hf_rag.QE_TOKENIZER_DIR),
+                **stage_tokenizer_files(self.generator_tokenizer, tmp, hf_rag.GEN_TOKENIZER_DIR),
+            }
             hf_io.write_hf_dir(path, state, hf_config, extra)
 
 

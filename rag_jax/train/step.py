@@ -51,8 +51,8 @@ def make_train_step(
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], micro)
-            aux_zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1]))
-            aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_zeros)
+            aux_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
+            aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
             (grads, loss, aux, _), _ = jax.lax.scan(
                 body, (zeros, jnp.zeros((), jnp.float32), aux_zeros, jnp.zeros((), jnp.int32)), micro
             )
