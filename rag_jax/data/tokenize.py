@@ -162,14 +162,16 @@ def bert_wordpiece_from_vocab(vocab_file: str | os.PathLike, lowercase: bool = T
     return tok
 
 
-def bart_bpe_from_files(vocab_json: str | os.PathLike, merges_txt: str | os.PathLike) -> HFTokenizer:
-    """Byte-level BPE as HF BartTokenizer: ``<s> A </s>`` / ``<s> A </s></s> B </s>``."""
+def bart_bpe_from_files(vocab_json: str | os.PathLike, merges_txt: str | os.PathLike,
+                        add_prefix_space: bool = False) -> HFTokenizer:
+    """Byte-level BPE as HF BartTokenizer: ``<s> A </s>`` / ``<s> A </s></s> B </s>``
+    (``add_prefix_space`` as the tokenizer_config option of that name)."""
     tok = HFTokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     vocab = tok.get_vocab()
     tok.post_processor = processors.RobertaProcessing(
-        ("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]), trim_offsets=True, add_prefix_space=False
+        ("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]), trim_offsets=True, add_prefix_space=add_prefix_space
     )
     # Registered as special so they are never split and decode can skip them.
     tok.add_special_tokens([t for t in ("<s>", "<pad>", "</s>", "<unk>", "<mask>") if t in vocab])
@@ -185,7 +187,8 @@ def load_tokenizer(path: str | os.PathLike, kind: str) -> TextTokenizer:
         lower = _tokenizer_config(path).get("do_lower_case", True)
         return TextTokenizer(bert_wordpiece_from_vocab(path / "vocab.txt", lowercase=lower), kind, str(path))
     if kind == "bart" and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        return TextTokenizer(bart_bpe_from_files(path / "vocab.json", path / "merges.txt"), kind, str(path))
+        prefix = bool(_tokenizer_config(path).get("add_prefix_space", False))
+        return TextTokenizer(bart_bpe_from_files(path / "vocab.json", path / "merges.txt", prefix), kind, str(path))
     raise FileNotFoundError(
         f"{path}: no {kind} tokenizer files (tokenizer.json, or "
         + ("vocab.txt" if kind == "bert" else "vocab.json + merges.txt")

@@ -19,11 +19,16 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4 as in BART
 
 
 def train_bart_tokenizer(
-    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, min_frequency: int = 2
+    texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, min_frequency: int = 2,
+    add_prefix_space: bool = False,
 ) -> Path:
+    """Writes an HF BART tokenizer directory. ``add_prefix_space=True`` makes a
+    word at the start of a string the same token as inside a sentence: an
+    answer span ("Paris") then matches its tokens in the passage (" Paris"),
+    which is what a generator trained from scratch must learn to copy."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=True)
+    tok = ByteLevelBPETokenizer(add_prefix_space=add_prefix_space, trim_offsets=True)
     tok.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIALS, show_progress=False
     )
@@ -34,14 +39,14 @@ def train_bart_tokenizer(
     tok.save_model(str(out))  # vocab.json + merges.txt
     from rag_jax.data.tokenize import bart_bpe_from_files
 
-    full = bart_bpe_from_files(out / "vocab.json", out / "merges.txt")
+    full = bart_bpe_from_files(out / "vocab.json", out / "merges.txt", add_prefix_space)
     full.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
                 "tokenizer_class": "BartTokenizer",
                 "model_max_length": 1024,
-                "add_prefix_space": False,
+                "add_prefix_space": add_prefix_space,
                 "bos_token": "<s>",
                 "eos_token": "</s>",
                 "sep_token": "</s>",

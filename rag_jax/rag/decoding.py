@@ -327,8 +327,21 @@ def _rag_sequence(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax
                 bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=True, use_bos=use_bos,
             )
 
-        # one candidate at a time keeps the [B, K, T, V] log-probs small
-        loss = jax.lax.map(score_one, jnp.swapaxes(cand, 0, 1)).T  # [B, C]
+        # Only distinct candidates are scored: beams of different documents
+        # often agree, and HF (looping per example) scores only its unique
+        # ones. Each example's distinct candidates are moved to the front and
+        # a while loop runs up to the largest count in the batch, one column
+        # at a time (keeps the [B, K, T, V] log-probs small).
+        order = jnp.argsort(~valid, axis=-1, stable=True)  # [B, C], distinct first, in HF's order
+        packed = jnp.swapaxes(_rows(cand, order), 0, 1)  # [C, B, T]
+        n = jnp.max(jnp.sum(valid, axis=-1))
+
+        def body(j: jax.Array, acc: jax.Array) -> jax.Array:
+            lab = jax.lax.dynamic_index_in_dim(packed, j, axis=0, keepdims=False)
+            return jax.lax.dynamic_update_index_in_dim(acc, score_one(lab), j, axis=1)
+
+        loss_packed = jax.lax.fori_loop(0, n, body, jnp.zeros((b, c), jnp.float32))
+        loss = jnp.zeros((b, c), jnp.float32).at[jnp.arange(b)[:, None], order].set(loss_packed)
         score = -loss
     elif decoding == "fast":
         # p(y | x, z) = 0 unless y is in z's beam; there, the beam's own log-prob.
