@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
         encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
     ))
+    # > 0: a from-scratch generator's position tables start as sin/cos times
+    # this scale (models/bart.py sinusoidal_positions) instead of N(0, init_std).
+    m.tiny.generator_sinusoidal_positions = 0.0
 
     c.data = d = ml_collections.ConfigDict()
     d.train_file = ""

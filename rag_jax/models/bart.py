@@ -300,3 +300,28 @@ def init_params(config: BartConfig, rng: jax.Array, boxed: bool = False) -> Any:
     ids = jnp.ones((1, 4), jnp.int32)
     variables = Bart(config).init(rng, ids, jnp.ones_like(ids), ids)
     return variables["params"] if boxed else nn.meta.unbox(variables["params"])
+
+
+def sinusoidal_positions(num_rows: int, d_model: int, scale: float) -> jax.Array:
+    """A ``[num_rows, d_model]`` sin/cos table (Vaswani et al.) times ``scale``.
+
+    Used only to *initialise* BART's learned position tables when training
+    from scratch: a shift by k positions is then a fixed linear map of the
+    table, so attention to the previous tokens (what copying an answer span
+    out of a passage needs) is learnable from the first step, whereas small
+    random tables leave a from-scratch generator on a long plateau. The
+    tables stay ordinary trainable HF ``embed_positions`` weights."""
+    pos = jnp.arange(num_rows, dtype=jnp.float32)[:, None]
+    freq = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
+    table = jnp.zeros((num_rows, d_model), jnp.float32)
+    table = table.at[:, 0::2].set(jnp.sin(pos * freq)).at[:, 1::2].set(jnp.cos(pos * freq)[:, : d_model // 2])
+    return scale * table
+
+
+def with_sinusoidal_positions(params: Any, scale: float) -> Any:
+    """``params`` with both position tables replaced by :func:`sinusoidal_positions`."""
+    out = dict(params)
+    for name in ("encoder_positions", "decoder_positions"):
+        table = params[name]["embedding"]
+        out[name] = {**params[name], "embedding": sinusoidal_positions(*table.shape, scale).astype(table.dtype)}
+    return out

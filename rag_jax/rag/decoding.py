@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models.bart import Bart, BartConfig, decode_step, decode_tokens, init_cache
+from rag_jax.models.bart import Bart, BartConfig, decode_step, decode_tokens, init_cache, reorder_cache
 from rag_jax.rag import marginals
 
 NEG = -1.0e9  # HF's "impossible" score offset (kept finite, as HF does)
@@ -157,8 +157,14 @@ def beam_search(
         logits, cache = step_fn(s["cache"], tokens)
         raw_lp = jax.nn.log_softmax(logits.astype(f32), axis=-1)
         lp = _process(raw_lp, cur_len, o)
-        acc = (lp.reshape(batch, nb, v) + s["run_score"][:, :, None]).reshape(batch, nb * v)
-        top_lp, top_idx = jax.lax.top_k(acc, keep)
+        acc = lp.reshape(batch, nb, v) + s["run_score"][:, :, None]
+        # Top 2*nb of nb*V in two stages (per beam, then among nb*2*nb): the
+        # same result and tie order (lower flat index first) as one top_k
+        # over the flattened row, without sorting nb*V values per step.
+        part_lp, part_idx = jax.lax.top_k(acc, keep)  # [batch, nb, keep]
+        flat_idx = (part_idx + (jnp.arange(nb) * v)[None, :, None]).reshape(batch, nb * keep)
+        top_lp, pick = jax.lax.top_k(part_lp.reshape(batch, nb * keep), keep)
+        top_idx = jnp.take_along_axis(flat_idx, pick, axis=1)
         beam = top_idx // v
         tok = (top_idx % v).astype(jnp.int32)
         top_seq = jax.lax.dynamic_update_index_in_dim(_rows(s["run_seq"], beam), tok, cur_len, axis=2)
@@ -223,12 +229,14 @@ def _rag_token(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Ar
     model = Bart(gen_config)
     b, k, l = ctx.shape
     nb = o.num_beams
-    enc = _encode(model, params, ctx.reshape(b * k, l), mask.reshape(b * k, l))
-    # rows ordered (example, beam, doc), as HF's extend_enc_output
-    enc = jnp.broadcast_to(enc.reshape(b, 1, k, l, -1), (b, nb, k, l, enc.shape[-1])).reshape(b * nb * k, l, -1)
-    emask = jnp.broadcast_to(mask.reshape(b, 1, k, l), (b, nb, k, l)).reshape(b * nb * k, l)
+    flat_mask = mask.reshape(b * k, l)
+    enc = _encode(model, params, ctx.reshape(b * k, l), flat_mask)
+    # Rows ordered (example, beam, doc), as HF's extend_enc_output; the
+    # cross-attention K/V are projected once per document, then copied.
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None] * k + jnp.arange(k)[None, None], (b, nb, k)).reshape(-1)
+    emask = flat_mask[rows]
     doc_lp = jnp.repeat(jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1), nb, axis=0)  # [B*nb, K]
-    cache = init_cache(model, params, enc, emask, o.max_length)
+    cache = reorder_cache(init_cache(model, params, enc, flat_mask, o.max_length), rows)
 
     def step(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
         logits, cache = decode_step(model, params, cache, jnp.repeat(tokens, k), None, emask)
@@ -272,9 +280,9 @@ def _per_doc_beams(model: Bart, params: Any, enc: jax.Array, emask: jax.Array, o
     """Plain BART search for every (example, document) row: ``[N, nb, T]``."""
     n = enc.shape[0]
     nb = o.num_beams
-    enc = jnp.repeat(enc, nb, axis=0)
+    # cross-attention K/V projected once per row, then copied to its beams
+    cache = reorder_cache(init_cache(model, params, enc, emask, o.max_length), jnp.repeat(jnp.arange(n), nb))
     emask = jnp.repeat(emask, nb, axis=0)
-    cache = init_cache(model, params, enc, emask, o.max_length)
 
     def step(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
         return decode_step(model, params, cache, tokens, None, emask)
