@@ -94,6 +94,13 @@ def main() -> None:
     batch = inputs(b, k, l, t, cfg.question_encoder.vocab_size, cfg.generator.vocab_size, cfg.question_encoder.output_dim)
     jbatch = {n: jnp.asarray(v) for n, v in batch.items()}
     rows = []
+    if not args.skip_loss:
+        from bench_train import matmul_peak
+
+        peak_j, peak_t = matmul_peak()
+        rows.append(["f32 2048^3 matmul peak (GFLOP/s)", f"{peak_j:.0f}", f"{peak_t:.0f}", "-",
+                     "upper bound for the gradient rows' GFLOP/s"])
+        print(rows[-1], flush=True)
 
     # (a) loss + gradient step -------------------------------------------------
     for variant in () if args.skip_loss else ("sequence", "token"):
@@ -129,8 +136,12 @@ def main() -> None:
         l_ours, l_hf = ours_step(), hf_step()
         t_ours = timeit(ours_step, warmup=1, reps=args.reps)
         t_hf = timeit(hf_step, warmup=0, reps=args.reps)
+        # Both sides do the same arithmetic; XLA counts it. Against the
+        # machine's f32 matmul peak this bounds any speed-up at equal precision.
+        flops = float(grad_fn.lower(ours.params, jbatch).compile().cost_analysis()["flops"])
         rows.append([f"loss+grad RAG-{variant.capitalize()}", f"{t_ours:.3f}", f"{t_hf:.3f}", ratio(t_hf, t_ours),
-                     f"loss {l_ours:.4f} vs {l_hf:.4f}"])
+                     f"loss {l_ours:.4f} vs {l_hf:.4f}; {flops / 1e9:.0f} GFLOP: "
+                     f"{flops / t_ours / 1e9:.0f} vs {flops / t_hf / 1e9:.0f} GFLOP/s"])
         print(rows[-1], flush=True)
         if variant == "token":
             del ref
