@@ -9,6 +9,8 @@ PyTorch transformers on the same CPU with the real all-MiniLM-L6-v2 weights.
     python benchmarks/bench_retrieval.py                 # 200k x 768, a few minutes on 2 cores
     python benchmarks/bench_retrieval.py --n 1000000     # the issue's 1M x 768
     python benchmarks/bench_retrieval.py --encode 256    # + encoding throughput
+    # real embeddings: a built index (e.g. the demo's MiniLM one) and its questions
+    python benchmarks/bench_retrieval.py --index demo_out/index --questions demo_out/world/test.jsonl
 
 Needs ``faiss-cpu`` (the ``bench`` extra) for the HNSW rows.
 """
@@ -151,6 +153,28 @@ def bench_encode(n: int, max_length: int, batch_size: int, bucket: int) -> list[
     return rows
 
 
+def real_embeddings(args) -> tuple[np.ndarray, np.ndarray, str]:
+    """The float32 vectors of a built index and, as queries, its QA file's
+    questions encoded by the question encoder (or perturbed rows without one)."""
+    from rag_jax.retrieval.index import load_index
+
+    idx = load_index(args.index)
+    data = np.ascontiguousarray(idx.embeddings.to_array(), dtype=np.float32)
+    if not args.questions:
+        return data, clustered_queries(data, args.queries, seed=1), f"embeddings of {args.index}"
+    import rag_jax
+    from rag_jax.data.qa_formats import read_qa
+
+    enc_dir = args.encoder
+    if not enc_dir:
+        from rag_jax.demo import minilm_dir
+
+        enc_dir = minilm_dir()
+    questions = [r.question for r in read_qa(args.questions)][: args.queries]
+    queries = rag_jax.load_encoder(enc_dir).encode_texts(questions, max_length=64)
+    return data, np.ascontiguousarray(queries, np.float32), f"embeddings of {args.index}, real questions"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000, help="number of passages (embeddings)")
@@ -164,13 +188,20 @@ def main() -> int:
     ap.add_argument("--encode-max-length", type=int, default=256)
     ap.add_argument("--encode-batch", type=int, default=32)
     ap.add_argument("--encode-bucket", type=int, default=64, help="length bucket of the encoding job (0: pad to max)")
+    ap.add_argument("--index", default="", help="benchmark the embeddings of this built index instead of synthetic ones")
+    ap.add_argument("--questions", default="", help="with --index: QA JSONL/CSV whose questions are the queries")
+    ap.add_argument("--encoder", default="", help="question encoder for --questions (default: the demo's MiniLM)")
     args = ap.parse_args()
-    n, d, k = args.n, args.dim, args.k
-    print(f"machine: {machine()}; n={n} dim={d} queries={args.queries} k={k}", flush=True)
-
     t = time.perf_counter()
-    data = clustered_embeddings(n, d, seed=0)
-    queries = clustered_queries(data, args.queries, seed=1)
+    if args.index:
+        data, queries, what = real_embeddings(args)
+        args.n, args.dim, args.queries = data.shape[0], data.shape[1], len(queries)
+    else:
+        data = clustered_embeddings(args.n, args.dim, seed=0)
+        queries = clustered_queries(data, args.queries, seed=1)
+        what = "clustered float32"
+    n, d, k = args.n, args.dim, args.k
+    print(f"machine: {machine()}; {what}: n={n} dim={d} queries={args.queries} k={k}", flush=True)
     print(f"data: {time.perf_counter() - t:.1f}s", flush=True)
 
     t = time.perf_counter()
@@ -215,7 +246,7 @@ def main() -> int:
             f"{one['qps']:.0f}" if one else "-", f"{par['qps']:.0f}" if par else "-",
             f"{r['bytes'] * FULL / 1e9:.1f}", f"{est / 3600:.1f}",
         ])
-    print_table(f"Retrieval, {n} x {d} clustered float32, {args.queries} queries, recall@{k} >= {TARGET} vs exact "
+    print_table(f"Retrieval, {n} x {d} {what}, {args.queries} queries, recall@{k} >= {TARGET} vs exact "
                 f"({machine()})", header, rows)
     fp32 = 4 * d
     for name, r in results.items():
