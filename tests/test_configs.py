@@ -79,6 +79,14 @@ def test_tiny_random_shapes_are_checked():
     cfg.model.tiny.generator.d_model = 0
     with pytest.raises(ValueError, match="model.tiny.generator.d_model"):
         C.validate(cfg)
+    cfg = _load("demo")
+    cfg.model.tiny.generator.init_std = -0.1
+    with pytest.raises(ValueError, match="model.tiny.generator.init_std"):
+        C.validate(cfg)
+    cfg = _load("demo")
+    cfg.model.tiny.generator_sinusoidal_positions = -1.0
+    with pytest.raises(ValueError, match="generator_sinusoidal_positions"):
+        C.validate(cfg)
 
 
 def test_command_line_overrides(tmp_path):

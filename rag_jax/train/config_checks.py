@@ -68,8 +68,14 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
         for f in ("model.tiny.question_encoder", "model.tiny.generator"):
             node = _need(cfg, f, object)
             for k, v in node.items():
-                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                if k == "init_std":  # the one float among the shapes
+                    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                        raise _fail(f"{f}.{k}", f"expected a positive number, got {v!r}")
+                elif not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                     raise _fail(f"{f}.{k}", f"expected a positive int, got {v!r}")
+        pos = m.tiny.get("generator_sinusoidal_positions", 0.0)
+        if not isinstance(pos, (int, float)) or isinstance(pos, bool) or pos < 0:
+            raise _fail("model.tiny.generator_sinusoidal_positions", f"expected a number >= 0, got {pos!r}")
     d = _need(cfg, "model.dropout", (float, type(None)))
     if d is not None and not 0.0 <= d < 1.0:
         raise _fail("model.dropout", f"{d} outside [0, 1)")
