@@ -60,7 +60,10 @@ def test_gold_examples_errors_name_the_line(world, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: .*positive_ids"):
         gold_examples(bad, w.passages, tok, 64, 8)
     bad.write_text(json.dumps({"question": "q?", "answers": ["a"], "positive_ids": [1]}) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        gold_examples(bad, w.passages, tok, 64, 8)
+    bad.write_text(json.dumps({"question": "q?", "answers": ["a"], "positive_ids": "1"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: positive_ids must be a list"):
         gold_examples(bad, w.passages, tok, 64, 8)
     bad.write_text(json.dumps({"question": "q?", "answers": ["a"], "positive_ids": [999999]}) + "\n")
     with pytest.raises(ValueError, match="999999"):

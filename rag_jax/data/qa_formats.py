@@ -29,6 +29,8 @@ class QARecord:
     # Where the record came from, so later stages can point back at the input.
     source: str = ""
     line: int = 0
+    # JSONL ``positive_ids`` (passages that state the answer), when given.
+    positive_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,10 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[QARecord]:
                 if key not in obj:
                     raise _fail(path, ln, f"missing field {key!r}")
             q = _check_question(obj["question"], path, ln)
-            yield QARecord(q, _check_answers(obj["answers"], path, ln), str(path), ln)
+            pos = obj.get("positive_ids", [])
+            if not isinstance(pos, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in pos):
+                raise _fail(path, ln, "positive_ids must be a list of passage ids (ints or strings)")
+            yield QARecord(q, _check_answers(obj["answers"], path, ln), str(path), ln, tuple(str(x) for x in pos))
 
 
 def seq2seq_paths(path: str | os.PathLike) -> tuple[Path, Path]:

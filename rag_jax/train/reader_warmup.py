@@ -16,7 +16,6 @@ closed-book) starts from the same warmed-up weights.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from rag_jax.data.qa_formats import read_jsonl
 from rag_jax.data.tokenize import TextTokenizer
 from rag_jax.models.bart import Bart, BartConfig, with_sinusoidal_positions
 from rag_jax.rag import marginals
@@ -42,18 +42,10 @@ def gold_examples(qa_jsonl: str | os.PathLike, passages: str | os.PathLike, toke
     """Context ids/mask ``[N, L]`` (title / text // question of the first
     positive passage) and ``<s> answer </s>`` labels ``[N, T]``."""
     rows = []
-    with open(qa_jsonl, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{qa_jsonl}:{n}: not valid JSON ({e.msg})") from None
-            ids = r.get("positive_ids") or []
-            if not ids or not r.get("answers"):
-                raise ValueError(f"{qa_jsonl}:{n}: the reader warm-up needs 'positive_ids' and 'answers'")
-            rows.append((r["question"], r["answers"][0], str(ids[0])))
+    for rec in read_jsonl(qa_jsonl):
+        if not rec.positive_ids:
+            raise ValueError(f"{rec.source}:{rec.line}: the reader warm-up needs 'positive_ids'")
+        rows.append((rec.question, rec.answers[0], rec.positive_ids[0]))
     wanted = {pid for _, _, pid in rows}
     by_id = {p.id: p for p in read_passages(passages) if p.id in wanted}
     missing = sorted(wanted - set(by_id))
