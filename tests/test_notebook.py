@@ -10,7 +10,8 @@ NOTEBOOK = ROOT / "notebooks" / "ablations.ipynb"
 
 # Small enough for a few CPU-minutes: a world of a few hundred passages, 4 steps per run.
 TINY = dict(world=dict(num_people=24, num_orgs=8, num_cities=8, num_countries=3, num_rivers=4),
-            warmup_steps=4, steps=4, batch=4, n_docs=2, eval_examples=8, test_k=[1, 2])
+            reader_worlds=1, warmup_short_steps=2, warmup_steps=4, steps=4, batch=4, n_docs=2, eval_examples=8,
+            test_k=[1, 2])
 
 
 @pytest.mark.slow

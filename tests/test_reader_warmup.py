@@ -70,16 +70,48 @@ def test_gold_examples_errors_name_the_line(world, tmp_path):
         gold_examples(bad, w.passages, tok, 64, 8)
 
 
-def test_warmup_writes_a_loadable_generator_that_starts_at_bos(world):
+def test_short_examples_keep_the_answer_sentence_and_its_neighbours(world):
+    w, tok, _ = world
+    rows = [json.loads(line) for line in open(w.qa_jsonl["train"], encoding="utf-8")]
+    full = gold_examples(w.qa_jsonl["train"], w.passages, tok, 600, 16)
+    short = gold_examples(w.qa_jsonl["train"], w.passages, tok, 600, 16, window=0)
+    wide = gold_examples(w.qa_jsonl["train"], w.passages, tok, 600, 16, window=1)
+    # the demo world states every answer inside one sentence of its passage
+    assert short["labels"].shape == full["labels"].shape == (len(rows), 16)
+    lengths = [e["attention_mask"].sum(1) for e in (short, wide, full)]
+    assert (lengths[0] < lengths[1]).mean() > 0.9 and (lengths[1] < lengths[2]).all()
+    for r, t in zip(rows[:20], tok.decode(short["input_ids"][:20])):
+        title, rest = t.split(" / ", 1)
+        sentence, question = rest.split(" // ")
+        assert title == r["subject"] or r["relation"] == "spouse"
+        assert question == r["question"] and r["answers"][0] in sentence
+        assert sentence.count(". ") == 0  # one sentence
+
+
+def test_short_examples_need_an_answer_inside_a_sentence(world, tmp_path):
+    w, tok, _ = world
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q?", "answers": ["no such words"], "positive_ids": [1]}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl: no answer occurs inside a sentence"):
+        gold_examples(bad, w.passages, tok, 64, 8, window=1)
+
+
+def test_warmup_writes_a_loadable_generator_that_starts_at_bos(world, capsys):
     w, tok, root = world
-    out = warmup_generator(TINY, tok, w.qa_jsonl["train"], w.passages, root / "gen", steps=4, batch_size=4,
-                           max_combined_length=192, verbose=False)
+    sources = [(w.qa_jsonl["train"], w.passages), (w.qa_jsonl["dev"], w.passages)]
+    out = warmup_generator(TINY, tok, sources, root / "gen", steps=4, batch_size=4, short_steps=3,
+                           short_batch_size=4, max_combined_length=192)
+    log = capsys.readouterr().out
+    assert "short: 3 steps of 4" in log and "contexts of 64 tokens" in log
+    assert "full: 4 steps of 4" in log and "contexts of 192 tokens" in log
     g = rag_jax.load_generator(out)
     assert g.config.decoder_start_token_id == tok.bos_token_id
     assert g.config.vocab_size == tok.vocab_size
     table = np.asarray(g.params["encoder_positions"]["embedding"])
-    # started as a sin/cos table: after 4 small steps it is still close to one
-    np.testing.assert_allclose(table, np.asarray(sinusoidal_positions(*table.shape, 0.15)), atol=0.02)
+    # started as a sin/cos table: after 7 small steps it is still close to one
+    np.testing.assert_allclose(table, np.asarray(sinusoidal_positions(*table.shape, 0.15)), atol=0.03)
     mtime = (out / "config.json").stat().st_mtime
-    assert warmup_generator(TINY, tok, w.qa_jsonl["train"], w.passages, root / "gen", steps=4) == out  # cached
+    assert warmup_generator(TINY, tok, sources, root / "gen", steps=4) == out  # cached
     assert (out / "config.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="no .* sources"):
+        warmup_generator(TINY, tok, [], root / "gen2")

@@ -116,8 +116,9 @@ _RELATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                 ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s} has {o} as its capital.")),
 }
 RELATIONS = tuple(_RELATIONS)
-# The facts the revised edition changes (people change jobs, cities elect mayors, firms move).
-REVISABLE = ("mayor", "headquarters", "employer")
+# The facts the revised edition changes (cities elect mayors, firms move and
+# change business, people change employers and careers).
+REVISABLE = ("mayor", "headquarters", "employer", "occupation", "industry")
 
 # Fact-free sentences that pad passages to Wikipedia-like 100-word chunks. They
 # contain no names, digits, occupations or industries, so no answer string hides
@@ -462,6 +463,15 @@ def _build_entities(seed: int, num_people: int, num_orgs: int, num_cities: int, 
                     continue
                 new = rev_rng.choice(options)
             changes.append((e, rel, old, new))
+    # Careers and lines of business change too. Only entities with no other
+    # change, so every changed fact is its own changed passage.
+    changed_names = {e.name for e, *_ in changes}
+    for rel, group, values in (("occupation", people, _OCCUPATIONS), ("industry", orgs, _INDUSTRIES)):
+        k = int(round(len(group) * revise_fraction))
+        free = [e for e in group if e.name not in changed_names]
+        for e in sorted(rev_rng.sample(free, min(k, len(free))), key=lambda e: e.name):
+            old = e.facts[rel]
+            changes.append((e, rel, old, rev_rng.choice([v for v in values if v != old])))
     entities = {"person": people, "org": orgs, "city": cities, "river": rivers, "country": countries}
     return entities, changes
 

@@ -1,4 +1,5 @@
-"""Answer recall@k of retrieval, DPR-style ``has_answer``.
+"""Answer recall@k of retrieval, DPR-style ``has_answer``, and gold-passage
+recall@k where a QA file names the passages that state the answer.
 
 A passage counts as a hit when the token sequence of a normalized gold
 answer occurs contiguously in the normalized passage tokens (whole tokens,
@@ -50,6 +51,22 @@ def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[st
         for j, p in enumerate(ps):
             hay = _tokens(p)
             out[b, j] = any(_contains(hay, g) for g in gold_toks)
+    return out
+
+
+def gold_hits(doc_ids: Sequence[Sequence[object]], positive_ids: Sequence[Sequence[object]]) -> np.ndarray:
+    """bool [B, K]: passage k of question b is one of b's gold passages.
+
+    Ids compare as DPR ids (``"wiki:12"`` and ``12`` are the same passage)."""
+    from rag_jax.retrieval.embeddings import normalize_dpr_id
+
+    if len(doc_ids) != len(positive_ids):
+        raise ValueError(f"{len(doc_ids)} retrieved id lists vs {len(positive_ids)} positive id lists")
+    k = len(doc_ids[0]) if len(doc_ids) else 0
+    out = np.zeros((len(doc_ids), k), bool)
+    for b, (ids, gold) in enumerate(zip(doc_ids, positive_ids)):
+        want = {normalize_dpr_id(g) for g in gold}
+        out[b] = [normalize_dpr_id(i) in want for i in ids]
     return out
 
 

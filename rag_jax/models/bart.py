@@ -165,12 +165,22 @@ class Bart(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         position_offset: jax.Array | int = 0,
+        positions: jax.Array | None = None,
+        self_attention_bias: jax.Array | None = None,
     ) -> jax.Array:
         """Logits ``[B, T, V]`` (float32). With ``decode=True`` the inputs are
-        the next token(s) after ``position_offset`` already-cached ones."""
+        the next token(s) after ``position_offset`` already-cached ones.
+
+        ``positions`` ``[B, T]`` and ``self_attention_bias`` ``[B | 1, 1, T, T]``
+        (additive, replacing the causal bias) let one row hold a prefix tree
+        of sequences: each token at its depth, attending to its ancestors."""
         ids = jnp.asarray(decoder_input_ids, jnp.int32)
         length = ids.shape[-1]
-        x = self._embed(ids, position_offset + jnp.arange(length)[None], self.decoder_positions)
+        if positions is None:
+            positions = position_offset + jnp.arange(length)[None]
+        elif decode:
+            raise ValueError("positions are not supported with decode=True (the cache fixes them)")
+        x = self._embed(ids, positions, self.decoder_positions)
         x = self.embed_dropout(self.decoder_ln_embedding(x), deterministic=deterministic)
         if decode:
             if decoder_attention_mask is not None:
@@ -178,9 +188,11 @@ class Bart(nn.Module):
                     "decoder_attention_mask is not supported with decode=True: cached decoding writes every row "
                     "at the same position, so decoder inputs cannot be padded"
                 )
+            if self_attention_bias is not None:
+                raise ValueError("self_attention_bias is not supported with decode=True")
             self_bias = None  # the cache builds the causal bias from its index
         else:
-            self_bias = causal_bias(length)
+            self_bias = causal_bias(length) if self_attention_bias is None else self_attention_bias
             if decoder_attention_mask is not None:
                 self_bias = self_bias + padding_bias(decoder_attention_mask)
         cross_bias = padding_bias(encoder_mask)

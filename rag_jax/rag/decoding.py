@@ -293,10 +293,12 @@ def _per_doc_beams(model: Bart, params: Any, enc: jax.Array, emask: jax.Array, o
     return beam_search(step, reorder_self_cache, cache, n, o, vocab)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
-def _rag_sequence(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,
-                  o: DecodeOptions, decoding: str, bos_token_id: int | None, epsilon: float,
-                  hf_unmasked_candidates: bool) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _sequence_beams(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,
+                    o: DecodeOptions, bos_token_id: int | None, hf_unmasked_candidates: bool) -> dict[str, jax.Array]:
+    """Encoder states, every document's beams as candidates ``[B, K * nb, T]``,
+    which of them are first occurrences, HF's per-example ``use_bos``, and the
+    size of each example's candidate prefix tree."""
     model = Bart(gen_config)
     b, k, l = ctx.shape
     nb, t_max = o.num_beams, o.max_length
@@ -320,53 +322,117 @@ def _rag_sequence(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax
         use_bos = jnp.zeros((b,), bool)
     else:
         use_bos = jnp.all((cand[:, :, 1] == bos_token_id) | ~valid, axis=-1)
+    own = (beams["raw"] - jnp.where(jnp.repeat(use_bos, k)[:, None], beams["raw_first"], 0.0)).reshape(b, k, nb)
+    nodes = jax.vmap(lambda x: prefix_tree(x, o.pad_token_id, 1)["num_nodes"])(cand)
+    return {"enc": enc, "cand": cand, "valid": valid, "use_bos": use_bos, "own": own, "tree_nodes": nodes}
+
+
+def prefix_tree(cand: jax.Array, pad_token_id: int, size: int) -> dict[str, jax.Array]:
+    """The prefix tree of one example's candidates ``[C, T]`` (decoder inputs
+    starting with the decoder start token; ``pad`` after ``eos``).
+
+    A re-scoring pass needs the decoder state after every prefix whose next
+    token counts; candidates from beams share most prefixes, so the tree has
+    far fewer nodes than ``C * (T - 1)``. Returns, for ``size`` slots (one
+    more, the last, collects the positions that need no node):
+
+    * ``tokens``/``depth`` ``[size + 1]``: each node's input token and position;
+    * ``node`` ``[C, T - 1]``: the node of candidate c's prefix ending at t;
+    * ``ancestor`` ``[size + 1, size + 1]``: node i may attend to node j;
+    * ``num_nodes``: how many slots the tree needs (must be ``<= size``).
+    """
+    c, t = cand.shape
+    inputs = cand[:, :-1]  # the last position predicts padding
+    steps = jnp.arange(t - 1)
+    # Positions up to the last real (non-pad) target need a node; a model may
+    # also emit the pad token mid-sequence, which HF's loss masks like padding.
+    needed = jnp.max(jnp.where(cand[:, 1:] != pad_token_id, steps + 1, 0), axis=-1)
+    order = jnp.lexsort(tuple(inputs[:, j] for j in reversed(range(t - 1))))  # first token primary
+    srt, need = inputs[order], needed[order]
+    shared = jnp.cumprod((srt[1:] == srt[:-1]).astype(jnp.int32), axis=-1).sum(-1)
+    # Shared with the previous candidate, and only as deep as that one's nodes go.
+    lcp = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(shared, need[:-1]).astype(jnp.int32)])
+    lcp = jnp.minimum(lcp, need)
+    new = need - lcp
+    first = jnp.cumsum(new) - new
+    # Sorted, a prefix of length t+1 belongs to the last candidate at or
+    # before this one that started new nodes at depth <= t.
+    owner = jax.lax.cummax(jnp.where(lcp[:, None] <= steps[None, :], jnp.arange(c)[:, None], 0), axis=0)
+    node = first[owner] + steps[None, :] - lcp[owner]
+    node = jnp.where(steps[None, :] < need[:, None], node, size)
+    tokens = jnp.full((size + 1,), pad_token_id, jnp.int32).at[node].set(srt)
+    depth = jnp.zeros((size + 1,), jnp.int32).at[node].set(jnp.broadcast_to(steps, node.shape))
+    below = (steps[:, None] >= steps[None, :]).astype(jnp.int8)  # [t, t']: t' is at or above t
+    anc = jnp.zeros((size + 1, size + 1), jnp.int8).at[node[:, :, None], node[:, None, :]].max(below[None])
+    anc = (anc > 0) | jnp.eye(size + 1, dtype=bool)
+    return {"tokens": tokens, "depth": depth, "node": jnp.zeros_like(node).at[order].set(node),
+            "ancestor": anc, "num_nodes": jnp.sum(new)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
+def _thorough_scores(gen_config: BartConfig, params: Any, enc: jax.Array, mask: jax.Array, scores: jax.Array,
+                     cand: jax.Array, valid: jax.Array, use_bos: jax.Array, pad_token_id: int,
+                     bos_token_id: int | None, epsilon: float, size: int) -> jax.Array:
+    """Marginal log-likelihood ``[B, C]`` of every candidate under all K
+    documents, as HF's re-scoring forward pass computes it, from one decoder
+    pass per (example, document) over the candidates' prefix tree (HF runs
+    every candidate under every document, each from the start)."""
+    model = Bart(gen_config)
+    b, k, l = mask.shape
+    c, t_max = cand.shape[1:]
+    vocab = gen_config.vocab_size
+    tree = jax.vmap(lambda x: prefix_tree(x, pad_token_id, size))(cand)
+    bias = jnp.where(tree["ancestor"], 0.0, jnp.finfo(jnp.float32).min)[:, None]  # [B, 1, S, S]
+    enc = enc.reshape(b, k, l, -1)
+    target = marginals.shift_targets(cand.reshape(b * c, t_max), pad_token_id).reshape(b, c, t_max)
+    node = tree["node"]  # [B, C, T - 1]
+
+    def per_doc(j: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply(
+            {"params": params}, tree["tokens"], enc[:, j], mask[:, j], method=Bart.decode,
+            positions=tree["depth"], self_attention_bias=bias,
+        )  # [B, S + 1, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        total = logits.sum(-1) - vocab * lse  # sum of log-probs over the vocabulary
+        flat = node.reshape(b, -1)
+        tgt = target[:, :, :-1].reshape(b, -1)
+        hit = logits[jnp.arange(b)[:, None], flat, tgt]  # [B, C * (T - 1)]
+        tok = hit - jnp.take_along_axis(lse, flat, axis=1)
+        return tok.reshape(b, c, t_max - 1), jnp.take_along_axis(total, flat, axis=1).reshape(b, c, t_max - 1)
+
+    tok, total = jax.lax.map(per_doc, jnp.arange(k))  # [K, B, C, T - 1]
+    pad_last = ((0, 0), (0, 0), (0, 0), (0, 1))  # the last step's target is padding
+    tok = jnp.pad(jnp.transpose(tok, (1, 2, 0, 3)), pad_last).reshape(b * c, k, t_max)
+    total = jnp.pad(jnp.transpose(total, (1, 2, 0, 3)), pad_last).reshape(b * c, k, t_max)
+    loss = marginals.sequence_nll_from_terms(
+        tok, total, jnp.repeat(scores, c, axis=0), target.reshape(b * c, t_max), vocab=vocab,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=True,
+        use_bos=jnp.repeat(use_bos, c),
+    )
+    return jnp.where(valid, -loss.reshape(b, c), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _fast_scores(cand: jax.Array, valid: jax.Array, own: jax.Array, scores: jax.Array, pad_token_id: int) -> jax.Array:
+    """p(y | x, z) = 0 unless y is in z's beam; there, the beam's own log-prob."""
+    b, k, nb = own.shape
+    t_max = cand.shape[-1]
     doc_lp = jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1)
+    seq_z = cand.reshape(b, k, nb, t_max)
+    hit = jnp.all(cand[:, :, None, None, :] == seq_z[:, None], axis=-1)  # [B, C, K, nb]
+    per_doc = jnp.max(jnp.where(hit, own[:, None], -jnp.inf), axis=-1)  # [B, C, K]
+    # As in thorough (HF get_nll), the prior rides on target step 1 and is
+    # masked with it when that target is padding (one-token candidates).
+    third = cand[:, :, 2] if t_max > 2 else jnp.full(cand.shape[:2], pad_token_id)
+    prior_kept = (third != pad_token_id)[:, :, None]
+    score = jax.nn.logsumexp(per_doc + jnp.where(prior_kept, doc_lp[:, None, :], 0.0), axis=-1)
+    return jnp.where(valid, score, -jnp.inf)
 
-    if decoding == "thorough":
-        # Cross-attention K/V of every (example, document) are projected once
-        # and shared by all candidates; HF re-runs the encoder per candidate.
-        fresh = init_cache(model, params, enc, flat_mask, t_max)
 
-        def score_one(labels: jax.Array) -> jax.Array:  # labels [B, T] -> loss [B]
-            dec = jnp.repeat(labels, k, axis=0)
-            logits, _ = decode_tokens(model, params, fresh, dec, None, flat_mask)
-            return marginals.sequence_nll(
-                logits.reshape(b, k, t_max, -1), scores, labels, pad_token_id=o.pad_token_id,
-                bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=True, use_bos=use_bos,
-            )
-
-        # Only distinct candidates are scored: beams of different documents
-        # often agree, and HF (looping per example) scores only its unique
-        # ones. Each example's distinct candidates are moved to the front and
-        # a while loop runs up to the largest count in the batch, one column
-        # at a time (keeps the [B, K, T, V] log-probs small).
-        order = jnp.argsort(~valid, axis=-1, stable=True)  # [B, C], distinct first, in HF's order
-        packed = jnp.swapaxes(_rows(cand, order), 0, 1)  # [C, B, T]
-        n = jnp.max(jnp.sum(valid, axis=-1))
-
-        def body(j: jax.Array, acc: jax.Array) -> jax.Array:
-            lab = jax.lax.dynamic_index_in_dim(packed, j, axis=0, keepdims=False)
-            return jax.lax.dynamic_update_index_in_dim(acc, score_one(lab), j, axis=1)
-
-        loss_packed = jax.lax.fori_loop(0, n, body, jnp.zeros((b, c), jnp.float32))
-        loss = jnp.zeros((b, c), jnp.float32).at[jnp.arange(b)[:, None], order].set(loss_packed)
-        score = -loss
-    elif decoding == "fast":
-        # p(y | x, z) = 0 unless y is in z's beam; there, the beam's own log-prob.
-        seq_z = beams["sequences"].reshape(b, k, nb, t_max)
-        own = (beams["raw"] - jnp.where(jnp.repeat(use_bos, k)[:, None], beams["raw_first"], 0.0)).reshape(b, k, nb)
-        hit = jnp.all(cand[:, :, None, None, :] == seq_z[:, None], axis=-1)  # [B, C, K, nb]
-        per_doc = jnp.max(jnp.where(hit, own[:, None], -jnp.inf), axis=-1)  # [B, C, K]
-        # As in thorough (HF get_nll), the prior rides on target step 1 and is
-        # masked with it when that target is padding (one-token candidates).
-        third = cand[:, :, 2] if t_max > 2 else jnp.full(cand.shape[:2], o.pad_token_id)
-        prior_kept = (third != o.pad_token_id)[:, :, None]
-        score = jax.nn.logsumexp(per_doc + jnp.where(prior_kept, doc_lp[:, None, :], 0.0), axis=-1)
-    else:
-        raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
-    score = jnp.where(valid, score, -jnp.inf)
-    best = jnp.argmax(score, axis=-1)
-    return {"best": _rows(cand, best[:, None])[:, 0], "candidates": cand, "valid": valid, "scores": score}
+def _tree_size(nodes: np.ndarray, cap: int) -> int:
+    """Slots for the largest tree of the batch, rounded up to a multiple of 32
+    so that nearby batches share one compiled re-scoring pass."""
+    return int(min(cap, -(-max(int(np.max(nodes)), 1) // 32) * 32))
 
 
 def rag_sequence_candidates(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array,
@@ -378,9 +444,21 @@ def rag_sequence_candidates(gen_config: BartConfig, params: Any, ctx: jax.Array,
     ``hf_unmasked_candidates=True`` reproduces HF exactly: its per-document
     candidate search ignores ``context_attention_mask`` (attends to padding);
     re-scoring uses the mask either way. Without padding both agree."""
-    out = _rag_sequence(gen_config, params, ctx, mask, scores, o, decoding, bos_token_id, float(epsilon),
-                        bool(hf_unmasked_candidates))
-    return {k: np.asarray(v) for k, v in out.items()}
+    if decoding not in ("thorough", "fast"):
+        raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding!r}")
+    ctx, mask, scores = jnp.asarray(ctx), jnp.asarray(mask), jnp.asarray(scores)
+    s = _sequence_beams(gen_config, params, ctx, mask, scores, o, bos_token_id, bool(hf_unmasked_candidates))
+    if decoding == "thorough":
+        t_max = s["cand"].shape[-1]
+        size = _tree_size(np.asarray(s["tree_nodes"]), s["cand"].shape[1] * (t_max - 1))
+        score = _thorough_scores(gen_config, params, s["enc"], mask, scores, s["cand"], s["valid"], s["use_bos"],
+                                 o.pad_token_id, bos_token_id, float(epsilon), size)
+    else:
+        score = _fast_scores(s["cand"], s["valid"], s["own"], scores, o.pad_token_id)
+    cand, score = np.asarray(s["cand"]), np.asarray(score)
+    best = np.argmax(score, axis=-1)
+    return {"best": cand[np.arange(len(cand)), best], "candidates": cand, "valid": np.asarray(s["valid"]),
+            "scores": score}
 
 
 def rag_sequence_generate(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Array, scores: jax.Array,

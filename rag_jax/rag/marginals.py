@@ -82,16 +82,40 @@ def sequence_nll(
     decision per example, as HF's per-example loop makes it."""
     labels = jnp.asarray(labels, jnp.int32)
     _check(logits, doc_scores, labels)
-    vocab = logits.shape[-1]
     target = shift_targets(labels, pad_token_id)  # [B, T]
     lp = _log_probs(logits, inputs_are_log_probs)  # [B, K, T, V]
+    tok = jnp.take_along_axis(lp, target[:, None, :, None], axis=-1)[..., 0]  # [B, K, T]
+    return sequence_nll_from_terms(
+        tok, lp.sum(-1), doc_scores, target, vocab=logits.shape[-1], pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id, epsilon=epsilon, exclude_bos_score=exclude_bos_score, use_bos=use_bos,
+    )
+
+
+def sequence_nll_from_terms(
+    target_lp: jax.Array,
+    sum_lp: jax.Array,
+    doc_scores: jax.Array,
+    target: jax.Array,
+    *,
+    vocab: int,
+    pad_token_id: int,
+    bos_token_id: int | None = 0,
+    epsilon: float = 0.0,
+    exclude_bos_score: bool = False,
+    use_bos: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`sequence_nll` from per-step terms ``[B, K, T]``: the target's
+    log-prob and the sum of log-probs over the vocabulary (for smoothing),
+    with ``target`` ``[B, T]`` from :func:`shift_targets`. Decoders that get
+    those terms without a dense ``[B, K, T, V]`` array (prefix-tree
+    re-scoring) share the HF arithmetic below."""
     doc_lp = jax.nn.log_softmax(jnp.asarray(doc_scores, jnp.float32), axis=-1)  # [B, K]
     steps = jnp.arange(target.shape[1])
     at_step1 = (steps == 1).astype(jnp.float32)  # the prior sits on target step 1
     prior = doc_lp[:, :, None] * at_step1[None, None, :]  # [B, K, T]
 
-    tok = jnp.take_along_axis(lp, target[:, None, :, None], axis=-1)[..., 0] + prior  # [B, K, T]
-    smooth = lp.sum(-1) + vocab * prior
+    tok = target_lp + prior
+    smooth = sum_lp + vocab * prior
     keep = (target != pad_token_id)[:, None, :]
     tok = jnp.where(keep, tok, 0.0)
     smooth = jnp.where(keep, smooth, 0.0)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from rag_jax.eval.monitor import collapse_stats
 from rag_jax.eval.qa import qa_metrics
-from rag_jax.eval.retrieval import answer_hits, recall_at_k
+from rag_jax.eval.retrieval import answer_hits, gold_hits, recall_at_k
 
 
 def evaluate(
@@ -27,19 +27,25 @@ def evaluate(
     decoding: str = "thorough",
     progress: bool = True,
     return_predictions: bool = False,
+    positive_ids: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Generates an answer for every question and scores it.
 
     ``rag_model`` is a ``rag_jax.rag.model.RagModel`` used for its jitted
     decoders; ``params`` replace its own, so one object serves every eval of a
     run without recompiling. Batches are padded to ``batch_size`` (fixed shapes).
+    With ``positive_ids`` (per question, the passages that state its answer;
+    empty where unknown) it also reports ``gold_recall@k`` over the questions
+    that have them: answer strings recur in unrelated passages, gold ids do not.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
     k = n_docs or task.n_docs
     rag_model.params = params
     preds: list[str] = []
-    hits_all, stats = [], []
+    if positive_ids is not None and len(positive_ids) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(positive_ids)} positive id lists")
+    hits_all, gold_all, stats = [], [], []
     t0 = time.perf_counter()
     bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress, leave=False)
     for start in range(0, len(questions), batch_size):
@@ -54,6 +60,8 @@ def evaluate(
         preds += task.generator_tokenizer.decode(np.asarray(out)[:n])
         if not task.closed_book:
             hits_all.append(answer_hits(r["texts"][:n], answers[start : start + n]))
+            if positive_ids is not None:
+                gold_all.append(gold_hits(r["doc_ids"][:n], positive_ids[start : start + n]))
             stats.append(collapse_stats(r["doc_rows"][:n], r["doc_scores"][:n]))
         bar.update(n)
     bar.close()
@@ -62,6 +70,12 @@ def evaluate(
         hits = np.concatenate(hits_all, axis=0)
         for kk, v in recall_at_k(hits, sorted({1, min(5, k), k})).items():
             metrics[f"recall@{kk}"] = v
+        if gold_all:
+            gold = np.concatenate(gold_all, axis=0)
+            known = np.array([len(p) > 0 for p in positive_ids], bool)
+            if known.any():
+                for kk, v in recall_at_k(gold[known], sorted({1, min(5, k), k})).items():
+                    metrics[f"gold_recall@{kk}"] = v
         for key in stats[0]:
             metrics[key] = float(np.mean([s[key] for s in stats]))
     metrics["examples"] = len(questions)

@@ -158,9 +158,11 @@ def boxed_params(models: Models) -> Any:
 # ============================================================================
 
 
-def _read_split(path: str, fmt: str) -> tuple[list[str], list[list[str]]]:
+def _read_split(path: str, fmt: str) -> tuple[list[str], list[list[str]], list[list[str]] | None]:
+    """Questions, answers and, when any record names them, gold passage ids."""
     recs = list(qa_formats.read_qa(path, fmt))
-    return [r.question for r in recs], [list(r.answers) for r in recs]
+    gold = [list(r.positive_ids or ()) for r in recs]
+    return [r.question for r in recs], [list(r.answers) for r in recs], gold if any(gold) else None
 
 
 def build_train_loader(config: Any, workdir: str | os.PathLike, global_batch: int, seed: int) -> Any:
@@ -208,12 +210,14 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
 
 def run_eval(config: Any, task: RagTask, rag_model: RagModel, params: Any, split_file: str,
              progress: bool = True, return_predictions: bool = False) -> dict[str, Any]:
-    questions, answers = _read_split(split_file, config.data.format)
+    questions, answers, gold = _read_split(split_file, config.data.format)
     if config.eval.max_examples:
-        questions, answers = questions[: config.eval.max_examples], answers[: config.eval.max_examples]
+        m = config.eval.max_examples
+        questions, answers, gold = questions[:m], answers[:m], (gold[:m] if gold else None)
     return evaluate(task, rag_model, params, questions, answers, batch_size=config.eval.batch_size,
                     num_beams=config.eval.num_beams, max_length=config.eval.max_length,
-                    decoding=config.eval.decoding, progress=progress, return_predictions=return_predictions)
+                    decoding=config.eval.decoding, progress=progress, return_predictions=return_predictions,
+                    positive_ids=gold)
 
 
 def global_batch_size(config: Any, num_devices: int) -> int:

@@ -91,6 +91,7 @@ class RagTask:
             doc_embeds=np.asarray(got.doc_embeds, np.float32),
             doc_scores=np.asarray(got.scores, np.float32),
             doc_rows=np.asarray(got.rows),
+            doc_ids=got.ids,
             titles=got.titles,
             texts=got.texts,
         )
