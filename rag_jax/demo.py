@@ -219,9 +219,10 @@ def _stage_train(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> 
     _say(f"training {name}: {sizes['steps']} steps, batch {sizes['batch']}, k={sizes['n_docs']}")
     t0 = time.perf_counter()
     out = train_and_evaluate(demo_config(paths, sizes, name), run_dir)
+    steps = sorted(out["losses"])  # empty when a finished checkpoint was only evaluated
     res = {"test": {k: v for k, v in out["test"].items() if not isinstance(v, list)},
-           "final_loss": float(np.mean([out["losses"][s] for s in sorted(out["losses"])[-20:]])),
-           "first_loss": float(np.mean([out["losses"][s] for s in sorted(out["losses"])[:20]])),
+           "final_loss": float(np.mean([out["losses"][s] for s in steps[-20:]])) if steps else None,
+           "first_loss": float(np.mean([out["losses"][s] for s in steps[:20]])) if steps else None,
            "train_seconds": time.perf_counter() - t0}
     done.write_text(json.dumps(res, indent=2))
     return res
@@ -285,9 +286,10 @@ def _table(results: dict[str, dict[str, Any]], swap: dict[str, Any]) -> str:
     for name, r in results.items():
         t = r["test"]
         reck = max((v for k, v in t.items() if k.startswith("recall@")), default=None)
+        loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.2f} -> {r['final_loss']:.2f}"
         lines.append(
             f"| {name} | {pct(t['exact_match'])} | {pct(t['f1'])} | {pct(t.get('gold_recall@1'))} | "
-            f"{pct(t.get('recall@1'))} | {pct(reck)} | {r['first_loss']:.2f} -> {r['final_loss']:.2f} |"
+            f"{pct(t.get('recall@1'))} | {pct(reck)} | {loss} |"
         )
     lines += ["", f"Hot swap ({swap['all']['questions']} questions about changed facts, RAG-Sequence, no retraining), "
               "EM against the old / the revised facts:",

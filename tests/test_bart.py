@@ -184,6 +184,38 @@ def test_reorder_cache_follows_beams(gens):
     assert _rel_err(logits, full[:, 1]) < 1e-5
 
 
+def test_grouped_cross_attention_equals_copied_rows(gens):
+    """Beams of one row can share its cached cross K/V (no copy per beam):
+    the decoder folds them into the query axis and gives the same logits."""
+    from rag_jax.rag.decoding import reorder_self_cache
+
+    gen = gens["gelu"]
+    ids, mask, dec = _inputs(2)
+    mask = np.asarray(mask).copy()
+    mask[1, -2:] = 0  # a padded row: its key mask must follow its beams
+    model, params = gen.model, gen.params
+    beams = 3
+    rows = jnp.repeat(jnp.arange(ids.shape[0]), beams)
+
+    @jax.jit
+    def three_steps(params, cache):
+        out = []
+        for t in range(3):
+            logits, cache = decode_step(model, params, cache, dec[rows, t:t + 1], None, jnp.asarray(mask)[rows])
+            out.append(logits)
+        return jnp.stack(out, 1)
+
+    enc = model.apply({"params": params}, ids, jnp.asarray(mask), method=Bart.encode)
+    cache = init_cache(model, params, enc, jnp.asarray(mask), 6)
+    copied = three_steps(params, reorder_cache(cache, rows))
+    grouped_cache = reorder_self_cache(cache, rows)
+    assert grouped_cache["decoder_layers_0"]["encoder_attn"]["cross_key"].shape[0] == ids.shape[0]
+    grouped = three_steps(params, grouped_cache)
+    assert _rel_err(grouped, copied) < 1e-6
+    full = gen.logits(ids[rows], mask[rows], dec[rows, :3])
+    assert _rel_err(grouped, full) < 1e-5
+
+
 def test_bf16_compute_f32_params(bart_dirs, gens):
     path, _ = bart_dirs["gelu"]
     ids, mask, dec = _inputs()

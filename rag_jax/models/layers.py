@@ -175,7 +175,9 @@ class Attention(nn.Module):
     collection. The first call with an empty cache (made with a full-length
     dummy input, as flax's decoding examples do) only allocates it. On
     cross-attention, ``decode=True`` projects the encoder states once, on that
-    first call, and reuses them on every step.
+    first call, and reuses them on every step. The cached cross K/V may have
+    fewer rows than the queries: ``rows = groups * kv_rows`` with each group
+    of consecutive query rows (e.g. one document's beams) reading one K/V row.
     """
 
     num_heads: int
@@ -237,6 +239,17 @@ class Attention(nn.Module):
                 step_bias = step_bias[None, None].astype(jnp.float32)
                 bias = step_bias if bias is None else bias + step_bias
 
+        rows = query.shape[0]
+        groups = rows // key.shape[0]
+        if groups > 1:
+            # Cached cross K/V shared by ``groups`` consecutive query rows (the
+            # beams of one document): fold those rows into the query axis, so
+            # each document's K/V is read once per step, not once per beam.
+            if rows != groups * key.shape[0]:
+                raise ValueError(f"{rows} query rows do not group over {key.shape[0]} key/value rows")
+            query = query.reshape(key.shape[0], groups * query.shape[1], *query.shape[2:])
+            if bias is not None and bias.shape[0] == rows:
+                bias = bias[::groups]  # one document's key mask serves its beams
         scores = jnp.einsum(
             "bqhd,bkhd->bhqk", query, key, precision=jax.lax.Precision.HIGHEST
         ).astype(jnp.float32)
@@ -250,6 +263,8 @@ class Attention(nn.Module):
         context = jnp.einsum(
             "bhqk,bkhd->bqhd", probs, value, precision=jax.lax.Precision.HIGHEST
         )
+        if groups > 1:
+            context = context.reshape(rows, -1, *context.shape[2:])
         return Dense(
             features=self.out_features,
             axis=(-2, -1),

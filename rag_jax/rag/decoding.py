@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.models.bart import Bart, BartConfig, decode_step, decode_tokens, init_cache, reorder_cache
+from rag_jax.models.bart import Bart, BartConfig, decode_step, init_cache
 from rag_jax.rag import marginals
 
 NEG = -1.0e9  # HF's "impossible" score offset (kept finite, as HF does)
@@ -231,20 +231,26 @@ def _rag_token(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: jax.Ar
     nb = o.num_beams
     flat_mask = mask.reshape(b * k, l)
     enc = _encode(model, params, ctx.reshape(b * k, l), flat_mask)
-    # Rows ordered (example, beam, doc), as HF's extend_enc_output; the
-    # cross-attention K/V are projected once per document, then copied.
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None, None] * k + jnp.arange(k)[None, None], (b, nb, k)).reshape(-1)
-    emask = flat_mask[rows]
+    # Decoder rows ordered (example, doc, beam): a document's beams are
+    # consecutive, so they share its cross-attention K/V, projected once and
+    # never copied (layers.Attention groups their queries). HF orders rows
+    # (example, beam, doc); the step below transposes the logits to that.
+    emask = jnp.repeat(flat_mask, nb, axis=0)
     doc_lp = jnp.repeat(jax.nn.log_softmax(scores.astype(jnp.float32), axis=-1), nb, axis=0)  # [B*nb, K]
-    cache = reorder_cache(init_cache(model, params, enc, flat_mask, o.max_length), rows)
+    cache = reorder_self_cache(init_cache(model, params, enc, flat_mask, o.max_length),
+                               jnp.repeat(jnp.arange(b * k), nb))
 
     def step(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
-        logits, cache = decode_step(model, params, cache, jnp.repeat(tokens, k), None, emask)
-        lp = jax.nn.log_softmax(logits.reshape(-1, k, logits.shape[-1]), axis=-1)
+        rows_tokens = jnp.broadcast_to(tokens.reshape(b, 1, nb), (b, k, nb)).reshape(-1)
+        logits, cache = decode_step(model, params, cache, rows_tokens, None, emask)
+        logits = jnp.swapaxes(logits.reshape(b, k, nb, -1), 1, 2).reshape(b * nb, k, -1)
+        lp = jax.nn.log_softmax(logits, axis=-1)
         return jax.nn.logsumexp(lp + doc_lp[:, :, None], axis=1), cache
 
     def reorder(cache: Any, idx: jax.Array) -> Any:
-        return reorder_self_cache(cache, (idx[:, None] * k + jnp.arange(k)[None]).reshape(-1))
+        src_beam = (idx % nb).reshape(b, 1, nb)  # idx = example * nb + source beam
+        rows = (jnp.arange(b)[:, None, None] * k + jnp.arange(k)[None, :, None]) * nb + src_beam
+        return reorder_self_cache(cache, rows.reshape(-1))
 
     if nb == 1:
         return greedy_search(step, cache, b, o)["sequences"]
@@ -280,8 +286,9 @@ def _per_doc_beams(model: Bart, params: Any, enc: jax.Array, emask: jax.Array, o
     """Plain BART search for every (example, document) row: ``[N, nb, T]``."""
     n = enc.shape[0]
     nb = o.num_beams
-    # cross-attention K/V projected once per row, then copied to its beams
-    cache = reorder_cache(init_cache(model, params, enc, emask, o.max_length), jnp.repeat(jnp.arange(n), nb))
+    # Cross-attention K/V projected once per row and kept there: a row's
+    # beams are consecutive and share them (layers.Attention groups queries).
+    cache = reorder_self_cache(init_cache(model, params, enc, emask, o.max_length), jnp.repeat(jnp.arange(n), nb))
     emask = jnp.repeat(emask, nb, axis=0)
 
     def step(cache: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
