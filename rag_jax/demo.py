@@ -39,7 +39,7 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# Sizes: the full demo (13.5 minutes measured on 2 cores) and --quick (a smoke test).
+# Sizes: the full demo (16.5 minutes measured on 2 cores) and --quick (a smoke test).
 FULL = dict(world=dict(), reader_worlds=8, warmup_short_steps=1200, warmup_steps=500, steps=150, batch=8, n_docs=3,
             eval_examples=0, swap_examples=0)
 QUICK = dict(world=dict(num_people=60, num_orgs=20, num_cities=20, num_countries=4, num_rivers=8), reader_worlds=2,
@@ -292,7 +292,7 @@ def _table(results: dict[str, dict[str, Any]], swap: dict[str, Any]) -> str:
             f"{pct(t.get('recall@1'))} | {pct(reck)} | {loss} |"
         )
     lines += ["", f"Hot swap ({swap['all']['questions']} questions about changed facts, RAG-Sequence, no retraining), "
-              "EM against the old / the revised facts:",
+              "EM against the old / the revised facts:", "",
               "| relation | questions | original index: old | original index: new | revised index: old | "
               "revised index: new |", "|---|---|---|---|---|---|"]
     for g, v in swap.items():
