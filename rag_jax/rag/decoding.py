@@ -330,8 +330,27 @@ def _sequence_beams(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: j
     else:
         use_bos = jnp.all((cand[:, :, 1] == bos_token_id) | ~valid, axis=-1)
     own = (beams["raw"] - jnp.where(jnp.repeat(use_bos, k)[:, None], beams["raw_first"], 0.0)).reshape(b, k, nb)
-    nodes = jax.vmap(lambda x: prefix_tree(x, o.pad_token_id, 1)["num_nodes"])(cand)
+    nodes = jax.vmap(lambda x: jnp.sum(_sorted_prefixes(x, o.pad_token_id)[4]))(cand)
     return {"enc": enc, "cand": cand, "valid": valid, "use_bos": use_bos, "own": own, "tree_nodes": nodes}
+
+
+def _sorted_prefixes(cand: jax.Array, pad_token_id: int) -> tuple[jax.Array, ...]:
+    """Candidates ``[C, T]`` sorted by their decoder inputs: the order, the
+    sorted inputs ``[C, T - 1]``, how many positions each needs, how many of
+    those it shares with the previous one, and how many new nodes it adds."""
+    t = cand.shape[1]
+    inputs = cand[:, :-1]  # the last position predicts padding
+    steps = jnp.arange(t - 1)
+    # Positions up to the last real (non-pad) target need a node; a model may
+    # also emit the pad token mid-sequence, which HF's loss masks like padding.
+    needed = jnp.max(jnp.where(cand[:, 1:] != pad_token_id, steps + 1, 0), axis=-1)
+    order = jnp.lexsort(tuple(inputs[:, j] for j in reversed(range(t - 1))))  # first token primary
+    srt, need = inputs[order], needed[order]
+    shared = jnp.cumprod((srt[1:] == srt[:-1]).astype(jnp.int32), axis=-1).sum(-1)
+    # Shared with the previous candidate, and only as deep as that one's nodes go.
+    lcp = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(shared, need[:-1]).astype(jnp.int32)])
+    lcp = jnp.minimum(lcp, need)
+    return order, srt, need, lcp, need - lcp
 
 
 def prefix_tree(cand: jax.Array, pad_token_id: int, size: int) -> dict[str, jax.Array]:
@@ -349,18 +368,8 @@ def prefix_tree(cand: jax.Array, pad_token_id: int, size: int) -> dict[str, jax.
     * ``num_nodes``: how many slots the tree needs (must be ``<= size``).
     """
     c, t = cand.shape
-    inputs = cand[:, :-1]  # the last position predicts padding
     steps = jnp.arange(t - 1)
-    # Positions up to the last real (non-pad) target need a node; a model may
-    # also emit the pad token mid-sequence, which HF's loss masks like padding.
-    needed = jnp.max(jnp.where(cand[:, 1:] != pad_token_id, steps + 1, 0), axis=-1)
-    order = jnp.lexsort(tuple(inputs[:, j] for j in reversed(range(t - 1))))  # first token primary
-    srt, need = inputs[order], needed[order]
-    shared = jnp.cumprod((srt[1:] == srt[:-1]).astype(jnp.int32), axis=-1).sum(-1)
-    # Shared with the previous candidate, and only as deep as that one's nodes go.
-    lcp = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.minimum(shared, need[:-1]).astype(jnp.int32)])
-    lcp = jnp.minimum(lcp, need)
-    new = need - lcp
+    order, srt, need, lcp, new = _sorted_prefixes(cand, pad_token_id)
     first = jnp.cumsum(new) - new
     # Sorted, a prefix of length t+1 belongs to the last candidate at or
     # before this one that started new nodes at depth <= t.
