@@ -56,11 +56,16 @@ RUNS = {
 }
 
 
-def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any:
+def _base_config() -> Any:
+    """``configs/demo.py``: the generator's shape and the training defaults."""
     from rag_jax.train.config_checks import load_config_module
 
+    return load_config_module(Path(__file__).resolve().parents[1] / "configs" / "demo.py").get_config()
+
+
+def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any:
     variant, frozen, closed = RUNS[name]
-    c = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "demo.py").get_config()
+    c = _base_config()
     c.model.variant = variant
     c.model.question_encoder = minilm_dir()
     c.model.generator = str(paths["generator"])  # the reader warm-up's BART
@@ -132,7 +137,6 @@ def _stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
 def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
     from rag_jax.data.demo_world import generate_world
     from rag_jax.data.tokenize import load_tokenizer
-    from rag_jax.train.config_checks import load_config_module
     from rag_jax.train.reader_warmup import warmup_generator
 
     out = work / "generator_warmup"
@@ -144,7 +148,7 @@ def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
     for seed in range(1, sizes["reader_worlds"] + 1):
         w = generate_world(work / "reader_worlds" / f"seed{seed}", seed=seed, **sizes["world"])
         sources += [(w.qa_jsonl[s], w.passages) for s in ("train", "dev", "test")]
-    c = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "demo.py").get_config()
+    c = _base_config()
     _say(f"reader warm-up of the from-scratch generator on {sizes['reader_worlds']} other fictional worlds: "
          f"{sizes['warmup_short_steps']} steps of 64 answer sentences, then {sizes['warmup_steps']} steps of "
          f"32 whole passages")

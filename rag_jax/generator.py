@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from rag_jax.checkpoint import hf_bart, hf_io
 from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
-from rag_jax.models.bart import Bart, BartConfig
+from rag_jax.models.bart import Bart, BartConfig, init_params, with_sinusoidal_positions
 
 
 def logits_fn(config: BartConfig):  # noqa: ANN201 - returns a pure function
@@ -22,6 +22,29 @@ def logits_fn(config: BartConfig):  # noqa: ANN201 - returns a pure function
         return model.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
 
     return apply
+
+
+def scratch_generator(fields: dict[str, Any], tokenizer: TextTokenizer, rng: jax.Array,
+                      sinusoidal_positions: float = 0.0, **overrides: Any) -> tuple[BartConfig, Any]:
+    """A from-scratch BART (``fields``: BartConfig shape fields; ``overrides``:
+    more BartConfig fields such as dtype or dropout) with the vocabulary and
+    special tokens of ``tokenizer``, and its freshly initialised params.
+
+    RAG feeds ``<s> answer </s>`` as decoder inputs (HF finetune_rag), so a
+    generator that never saw BART pretraining starts decoding at ``<s>`` too:
+    generation then sees exactly the positions and tokens of training (BART's
+    ``</s>`` start would be a never-seen input). ``sinusoidal_positions > 0``
+    starts both position tables as sin/cos times that scale."""
+    cfg = BartConfig(
+        **{**fields, "vocab_size": tokenizer.vocab_size, **overrides},
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+    )
+    params = init_params(cfg, rng)
+    if sinusoidal_positions > 0:
+        params = with_sinusoidal_positions(params, sinusoidal_positions)
+    return cfg, params
 
 
 class Generator:

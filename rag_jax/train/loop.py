@@ -25,7 +25,7 @@ from rag_jax.data import qa_formats
 from rag_jax.data.pipeline import make_loader
 from rag_jax.data.tfds_builders import build_qa_dataset, open_split
 from rag_jax.data.tokenize import TextTokenizer, load_tokenizer
-from rag_jax.models.bart import Bart, BartConfig, with_sinusoidal_positions
+from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.parallel import rules as R
 from rag_jax.parallel.mesh import make_mesh
@@ -124,21 +124,12 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
         overrides = {} if dropout is None else {"dropout": dropout}
         g_cfg, g_params = load_bart(m.generator, dtype=dtype, param_dtype=param_dtype, **overrides)
     else:
-        g_cfg = BartConfig(
-            **{**dict(m.tiny.generator), "vocab_size": g_tok.vocab_size},
-            pad_token_id=g_tok.pad_token_id, bos_token_id=g_tok.bos_token_id, eos_token_id=g_tok.eos_token_id,
-            # RAG feeds "<s> answer </s>" as decoder inputs (HF finetune_rag), so
-            # a generator that never saw BART pretraining starts decoding at
-            # <s> too: generation then sees exactly the positions and tokens
-            # of training (BART's </s> start would be a never-seen input).
-            decoder_start_token_id=g_tok.bos_token_id, forced_eos_token_id=g_tok.eos_token_id,
+        from rag_jax.generator import scratch_generator
+
+        g_cfg, g_params = scratch_generator(
+            dict(m.tiny.generator), g_tok, r_g, float(m.tiny.get("generator_sinusoidal_positions", 0.0)),
             dtype=dtype, param_dtype=param_dtype, **({} if dropout is None else {"dropout": dropout}),
         )
-        ids = jnp.ones((1, 4), jnp.int32)
-        g_params = nn.meta.unbox(Bart(g_cfg).init(r_g, ids, ids, ids)["params"])
-        pos_scale = float(m.tiny.get("generator_sinusoidal_positions", 0.0))
-        if pos_scale > 0:
-            g_params = with_sinusoidal_positions(g_params, pos_scale)
     if g_tok.vocab_size > g_cfg.vocab_size:
         raise ValueError(f"generator tokenizer has {g_tok.vocab_size} tokens but the model only {g_cfg.vocab_size}")
     return Models(q_cfg, g_cfg, {"question_encoder": q_params, "generator": g_params}, q_tok, g_tok)

@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 
 from rag_jax.data.qa_formats import read_jsonl
 from rag_jax.data.tokenize import TextTokenizer
-from rag_jax.models.bart import Bart, BartConfig, with_sinusoidal_positions
+from rag_jax.models.bart import BartConfig
 from rag_jax.rag import marginals
 from rag_jax.rag.inputs import build_context_strings
 from rag_jax.rag.model import doc_logits
@@ -118,7 +117,7 @@ def warmup_generator(
     passages TSV) ``sources``, ``short_steps`` on answer sentences then
     ``steps`` on whole passages, and writes it to ``out_dir`` as an HF BART
     directory (atomically; an existing complete directory is returned as is)."""
-    from rag_jax.generator import Generator
+    from rag_jax.generator import Generator, scratch_generator
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
@@ -127,17 +126,9 @@ def warmup_generator(
         raise ValueError("reader warm-up: no (qa_jsonl, passages) sources given")
     if steps < 1 or short_steps < 0:
         raise ValueError(f"reader warm-up: need steps >= 1 and short_steps >= 0, got {steps}, {short_steps}")
-    # decoding starts at <s>, as in train/loop.py build_models
-    cfg = BartConfig(**{**generator, "vocab_size": tokenizer.vocab_size, "dropout": 0.0},
-                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.bos_token_id,
-                     forced_eos_token_id=tokenizer.eos_token_id)
-    ids = jnp.ones((1, 4), jnp.int32)
-    params = nn.meta.unbox(Bart(cfg).init(jax.random.PRNGKey(seed), ids, ids, ids)["params"])
-    if sinusoidal_positions > 0:
-        params = with_sinusoidal_positions(params, sinusoidal_positions)
+    cfg, params = scratch_generator(generator, tokenizer, jax.random.PRNGKey(seed), sinusoidal_positions,
+                                    dropout=0.0)
     rng = np.random.default_rng(seed)
-    loss = float("nan")
     if short_steps:
         data = _examples(sources, tokenizer, short_max_length, max_target_length, window=short_window)
         params, loss = _train(cfg, params, data, short_steps, short_batch_size, lr, rng, "short", verbose)
