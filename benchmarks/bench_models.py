@@ -26,7 +26,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def bench_dpr(batch: int, length: int, reps: int) -> list[str]:
     from transformers import DPRConfig, DPRQuestionEncoder
 
-    from rag_jax.checkpoint.hf_bert import dpr_to_hf  # noqa: F401 - import check
+    from rag_jax.hf.bert import dpr_to_hf  # noqa: F401 - import check
     from rag_jax.models.bert import BertConfig, DprEncoder
 
     config = BertConfig()  # BERT-base: 12 x 768, 12 heads, 3072 ffn, 30522 vocab
@@ -48,7 +48,7 @@ def bench_bart(batch: int, length: int, target: int, reps: int) -> list[str]:
     from transformers import BartConfig as HFBartConfig
     from transformers import BartForConditionalGeneration
 
-    from rag_jax.checkpoint.hf_bart import bart_config_from_hf
+    from rag_jax.hf.bart import bart_config_from_hf
     from rag_jax.models.bart import Bart
 
     hf_cfg = HFBartConfig()  # BART-base shapes: 6 + 6 layers, 768, 12 heads, 3072 ffn, 50265 vocab

@@ -59,7 +59,7 @@ def main() -> None:
     from transformers import BartConfig as HFBartConfig
     from transformers import BartForConditionalGeneration
 
-    from rag_jax.checkpoint.hf_bart import bart_config_from_hf, import_bart
+    from rag_jax.hf.bart import bart_config_from_hf, import_bart
     from rag_jax.models.bart import Bart
 
     hf_cfg = HFBartConfig(forced_eos_token_id=None)  # BART-base: 6 + 6 layers, 768, 12 heads, 50265 vocab

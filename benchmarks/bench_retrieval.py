@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table  # noqa: E402
 
 from rag_jax.retrieval.embeddings import write_store  # noqa: E402
-from rag_jax.retrieval.index import ExactIndex, ScannIndex, ScannParams, recall_at_k  # noqa: E402
+from rag_jax.retrieval.index import ExactIndex, ScannIndex, ScannParams, neighbor_recall  # noqa: E402
 from rag_jax.retrieval.synthetic import clustered_embeddings, clustered_queries  # noqa: E402
 
 TARGET = 0.95
@@ -56,7 +56,7 @@ def _sweep(name: str, settings: list, search, queries: np.ndarray, truth: np.nda
     """Cheapest setting first; returns the first one reaching the recall target."""
     for s in settings:
         qps, rows = _qps(lambda q: search(q, s), queries)
-        r = recall_at_k(rows, truth)
+        r = neighbor_recall(rows, truth)
         print(f"  {name:28s} {str(s):>10s}: recall@{k} {r:.4f}  {qps:9.0f} q/s", flush=True)
         if r >= TARGET:
             return {"setting": s, "recall": r, "qps": qps}
@@ -113,7 +113,7 @@ def bench_encode(n: int, max_length: int, batch_size: int, bucket: int) -> list[
     from transformers import BertModel, BertTokenizerFast
 
     import rag_jax
-    from rag_jax.demo import minilm_dir
+    from rag_jax.demo.run import minilm_dir
     from rag_jax.retrieval.corpus import Passage, write_corpus
     from rag_jax.retrieval.encode import encode_corpus
 
@@ -167,7 +167,7 @@ def real_embeddings(args) -> tuple[np.ndarray, np.ndarray, str]:
 
     enc_dir = args.encoder
     if not enc_dir:
-        from rag_jax.demo import minilm_dir
+        from rag_jax.demo.run import minilm_dir
 
         enc_dir = minilm_dir()
     questions = [r.question for r in read_qa(args.questions)][: args.queries]

@@ -1,4 +1,4 @@
-"""The demo world (rag_jax.data.demo_world): small real retriever (MiniLM),
+"""The demo world (rag_jax.demo.world): small real retriever (MiniLM),
 random-init BART trained from scratch on fictional facts; a few CPU minutes."""
 from rag_jax.train.config_checks import sibling
 

@@ -19,7 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    from rag_jax.train.loop import evaluate_checkpoint
+    from rag_jax.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))

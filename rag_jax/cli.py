@@ -15,7 +15,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from rag_jax.demo import run_demo
+    from rag_jax.demo.run import run_demo
 
     return run_demo(workdir=args.workdir, fresh=args.fresh, quick=args.quick)
 

@@ -33,7 +33,7 @@ def export_from_workdir(config, workdir: str, out: str) -> None:  # noqa: ANN001
 
     from rag_jax.infer import index_fingerprint, write_inference_json
     from rag_jax.rag.model import RagModel
-    from rag_jax.train.loop import build_models, make_task, restore_params
+    from rag_jax.train.setup import build_models, make_task, restore_params
 
     models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
     params, _ = restore_params(config, workdir, models)

@@ -64,7 +64,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from rag_jax.train.loop import evaluate_checkpoint
+    from rag_jax.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(_config(args.config, args.set), args.workdir, args.split)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.checkpoint import hf_bert, hf_io
+from rag_jax.hf import bert as hf_bert, io as hf_io
 from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bert import BertConfig, DprEncoder
 

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rag_jax.checkpoint import hf_bart, hf_io
+from rag_jax.hf import bart as hf_bart, io as hf_io
 from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bart import Bart, BartConfig, init_params, with_sinusoidal_positions
 

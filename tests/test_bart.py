@@ -12,8 +12,8 @@ from jax.sharding import NamedSharding
 from safetensors.numpy import load_file, save_file
 
 import rag_jax
-from rag_jax.checkpoint import hf_bart
-from rag_jax.checkpoint.hf_io import CheckpointError
+from rag_jax.hf import bart as hf_bart
+from rag_jax.hf.io import CheckpointError
 from rag_jax.data.train_tokenizer import train_bart_tokenizer
 from rag_jax.generator import load_generator
 from rag_jax.models.bart import Bart, decode_step, decode_tokens, init_cache, reorder_cache

@@ -11,7 +11,7 @@ from flax import linen as nn
 from safetensors.numpy import load_file, save_file
 
 import rag_jax
-from rag_jax.checkpoint.hf_io import CheckpointError
+from rag_jax.hf.io import CheckpointError
 from rag_jax.models.bert import DprEncoder
 from rag_jax.parallel.rules import LOGICAL_AXES
 from transformers import (

@@ -7,6 +7,7 @@ import pytest
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import DEFAULT_RULES
 from rag_jax.train import config_checks as C
+from rag_jax.train.setup import global_batch_size
 from rag_jax.train.optim import optimizer_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,7 @@ def test_paper_configs_carry_finetune_rag_hyperparameters(variant):
     assert (cfg.retrieval.n_docs, cfg.data.max_source_length, cfg.data.max_target_length) == (5, 128, 25)
     assert (t.per_device_batch_size, cfg.model.dropout) == (8, 0.1)
     assert cfg.model.question_encoder and cfg.model.generator
-    assert C.global_batch_size(cfg, 8) == 64  # HF: 8 per GPU on 8 GPUs
+    assert global_batch_size(cfg, 8) == 64  # HF: 8 per GPU on 8 GPUs
 
 
 @pytest.mark.parametrize("field,value,needle", [

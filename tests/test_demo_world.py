@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_jax.data import demo_world as dw
+from rag_jax.demo import world as dw
 
 SMALL = dict(num_people=120, num_orgs=30, num_cities=24, num_countries=4, num_rivers=8)
 
@@ -301,7 +301,7 @@ def test_bytes_do_not_depend_on_string_hashing(tmp_path):
     for hash_seed in ("1", "2"):
         out = tmp_path / hash_seed
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        subprocess.run([sys.executable, "-m", "rag_jax.data.demo_world", "--out", str(out), "--seed", "5",
+        subprocess.run([sys.executable, "-m", "rag_jax.demo.world", "--out", str(out), "--seed", "5",
                         "--num-people", "100", "--num-orgs", "20", "--num-cities", "20", "--num-countries", "4",
                         "--num-rivers", "6"], check=True, env=env, capture_output=True)
         digests.append((out / "manifest.json").read_bytes())

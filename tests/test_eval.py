@@ -56,7 +56,7 @@ def test_corpus_metrics():
         Q.qa_metrics(["a", "b"], [["a"]])
 
 
-def test_has_answer_and_recall_at_k():
+def test_has_answer_and_top_k_accuracy():
     passages = [
         ["Paris is the capital of France.", "Berlin is in Germany."],
         ["The start of the party", "The state of the art museum"],
@@ -68,11 +68,11 @@ def test_has_answer_and_recall_at_k():
     # "art" must not match inside "start"; NFD makes composed/decomposed umlauts agree;
     # "New-York" normalizes to one token "newyork".
     assert hits.tolist() == [[True, False], [False, True], [True, False], [False, True]]
-    assert R.recall_at_k(hits, [1, 2]) == {1: 0.5, 2: 1.0}
+    assert R.top_k_accuracy(hits, [1, 2]) == {1: 0.5, 2: 1.0}
     assert R.has_answer("the answer is forty two", ["Forty-Two", "forty two"])
     assert not R.has_answer("anything", ["the"])  # an answer that normalizes to nothing never hits
     with pytest.raises(ValueError, match="k=3"):
-        R.recall_at_k(hits, [3])
+        R.top_k_accuracy(hits, [3])
     with pytest.raises(ValueError, match="same number of passages"):
         R.answer_hits([["a"], ["a", "b"]], [["a"], ["a"]])
 
@@ -83,7 +83,7 @@ def test_gold_hits_compare_dpr_ids():
     hits = R.gold_hits(retrieved, gold)
     # "wiki:5" and 5 name the same passage; an empty gold list never hits
     assert hits.tolist() == [[False, True, False], [True, False, True], [False, False, False]]
-    assert R.recall_at_k(hits[:2], [1, 2]) == {1: 0.5, 2: 1.0}
+    assert R.top_k_accuracy(hits[:2], [1, 2]) == {1: 0.5, 2: 1.0}
     with pytest.raises(ValueError, match="2 retrieved id lists vs 1"):
         R.gold_hits(retrieved[:2], gold[:1])
 

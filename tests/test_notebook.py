@@ -21,7 +21,7 @@ def test_ablations_notebook_runs_and_prints_table(tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
     try:
-        from rag_jax.demo import minilm_dir
+        from rag_jax.demo.run import minilm_dir
 
         minilm_dir()
     except FileNotFoundError as e:

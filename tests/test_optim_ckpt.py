@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rag_jax.checkpoint.manager import CheckpointManager, PreemptionFlag, tree_all_finite
+from rag_jax.train.checkpointing import CheckpointManager, PreemptionFlag, tree_all_finite
 from rag_jax.train import optim as O
 from rag_jax.train.state import TrainState
 

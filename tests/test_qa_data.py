@@ -222,7 +222,7 @@ def test_config_pipeline_resumes_through_checkpoint(built, tmp_path):
     """The data position saved with a checkpoint continues the exact batch stream."""
     import jax.numpy as jnp
 
-    from rag_jax.checkpoint.manager import CheckpointManager
+    from rag_jax.train.checkpointing import CheckpointManager
     from rag_jax.train.config_checks import load_config_module
 
     root, _ = built

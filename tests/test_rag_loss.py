@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
 import rag_jax
-from rag_jax.checkpoint.hf_io import CheckpointError
+from rag_jax.hf.io import CheckpointError
 from rag_jax.rag import marginals
 from rag_jax.rag.inputs import build_context_strings, context_string
 from rag_jax.rag.model import doc_logits, rag_loss

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import rag_jax
-from rag_jax.data.demo_world import generate_world
+from rag_jax.demo.world import generate_world
 from rag_jax.data.tokenize import load_tokenizer
 from rag_jax.data.train_tokenizer import train_bart_tokenizer
 from rag_jax.models.bart import sinusoidal_positions

@@ -8,7 +8,8 @@ import pytest
 from flax import linen as nn
 
 from rag_jax.parallel import rules as R
-from rag_jax.train.loop import boxed_params, train_and_evaluate
+from rag_jax.train.loop import train_and_evaluate
+from rag_jax.train.setup import boxed_params
 from tests.train_fixtures import make_world, tiny_config
 
 
@@ -44,7 +45,7 @@ def test_sharded_training_learns_and_moves_question_encoder(paths, tmp_path):
     assert len(losses) == 8
     assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]), losses
 
-    from rag_jax.checkpoint.hf_bert import load_dpr
+    from rag_jax.hf.bert import load_dpr
 
     _, q0, _ = load_dpr(paths["encoder"])
     moved = [not np.allclose(a, np.asarray(b)) for a, b in
@@ -60,7 +61,7 @@ def test_sharded_training_learns_and_moves_question_encoder(paths, tmp_path):
 
 def test_state_shardings_follow_rules(paths, tmp_path):
     from rag_jax.parallel.mesh import make_mesh
-    from rag_jax.train.loop import build_models
+    from rag_jax.train.setup import build_models
     from rag_jax.train.optim import optimizer_from_config
     from rag_jax.train.state import create_state, state_shardings
 
@@ -95,7 +96,7 @@ def test_state_shardings_follow_rules(paths, tmp_path):
 def test_frozen_retriever_keeps_question_encoder(paths, tmp_path):
     cfg = tiny_config(paths, steps=3, global_batch_size=8, freeze_question_encoder=True)
     out = train_and_evaluate(cfg, tmp_path / "frozen", verbose=False)
-    from rag_jax.checkpoint.hf_bert import load_dpr
+    from rag_jax.hf.bert import load_dpr
 
     _, q0, _ = load_dpr(paths["encoder"])
     for a, b in zip(jax.tree.leaves(q0), jax.tree.leaves(out["params"]["question_encoder"])):
@@ -127,7 +128,7 @@ def test_closed_book_trains_without_index(paths, tmp_path):
 
 
 def test_nan_loss_stops_without_overwriting_checkpoint(paths, tmp_path):
-    from rag_jax.checkpoint.manager import CheckpointManager, tree_all_finite
+    from rag_jax.train.checkpointing import CheckpointManager, tree_all_finite
 
     # An absurd learning rate without clipping makes the loss non-finite within a few steps.
     cfg = tiny_config(paths, steps=12, global_batch_size=4, lr=1e12, warmup_steps=0, max_grad_norm=0.0,

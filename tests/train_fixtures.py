@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rag_jax.data.demo_world import generate_world
+from rag_jax.demo.world import generate_world
 
 
 def make_world(root: Path) -> dict[str, Path]:

@@ -70,7 +70,7 @@ def gold_hits(doc_ids: Sequence[Sequence[object]], positive_ids: Sequence[Sequen
     return out
 
 
-def recall_at_k(hits: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
+def top_k_accuracy(hits: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
     """Fraction of questions with a hit among the first k passages, per k."""
     hits = np.asarray(hits, bool)
     if hits.ndim != 2:

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+# The compute and parameter dtypes a config may name (``model.dtype``, ``model.param_dtype``).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
 Dtype = Any
 Array = jax.Array
 

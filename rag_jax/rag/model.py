@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rag_jax.checkpoint import hf_io, hf_rag
-from rag_jax.checkpoint.hf_rag import RagSettings
+from rag_jax.hf import io as hf_io, rag as hf_rag
+from rag_jax.hf.rag import RagSettings
 from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder

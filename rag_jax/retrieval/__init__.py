@@ -18,7 +18,7 @@ from rag_jax.retrieval.index import (
     ScannParams,
     build_index,
     load_index,
-    recall_at_k,
+    neighbor_recall,
 )
 from rag_jax.retrieval.retriever import Retrieved, Retriever
 
@@ -26,5 +26,5 @@ __all__ = [
     "Corpus", "CorpusError", "EmbeddingStore", "ExactIndex", "IndexMismatchError", "LoadedIndex", "Passage",
     "Retrieved", "Retriever", "ScannIndex", "ScannParams", "build_corpus", "build_index", "encode_corpus",
     "encode_queries", "import_embeddings", "load_index", "make_context_tokenize", "open_corpus", "read_passages",
-    "recall_at_k", "split_documents", "write_corpus", "write_store",
+    "neighbor_recall", "split_documents", "write_corpus", "write_store",
 ]

@@ -25,7 +25,7 @@ from rag_jax.retrieval.corpus import Corpus, CorpusError, _progress, atomic_dir,
 
 STORE_MANIFEST = "embeddings.json"
 STORE_FORMAT = "rag_jax.embeddings/1"
-DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
 
 
 def np_dtype(name: str) -> Any:
@@ -34,9 +34,9 @@ def np_dtype(name: str) -> Any:
         import ml_dtypes
 
         return ml_dtypes.bfloat16
-    if name not in DTYPES:
-        raise ValueError(f"embedding dtype {name!r} not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"embedding dtype {name!r} not supported; choose one of {sorted(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
 
 
 def to_storage(block: np.ndarray, dtype: str) -> np.ndarray:

@@ -506,7 +506,7 @@ def load_index(
     return LoadedIndex(root, manifest, searcher, store, corpus)
 
 
-def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+def neighbor_recall(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     """Mean fraction of the exact top-k found in the approximate top-k."""
     hits = [len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx_rows, exact_rows)]
     return float(np.sum(hits) / exact_rows.size)

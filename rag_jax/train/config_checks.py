@@ -8,12 +8,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from rag_jax.models.layers import DTYPES
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import MESH_AXES
+from rag_jax.rag.model import VARIANTS
 from rag_jax.train.optim import SCHEDULES
 
-VARIANTS = ("sequence", "token")
-DTYPES = ("float32", "bfloat16", "float16")
 QA_FORMATS = ("auto", "dpr_csv", "jsonl", "seq2seq")
 DECODINGS = ("thorough", "fast")
 
@@ -60,7 +60,7 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
         raise _fail("model.variant", f"{m.variant!r} not in {VARIANTS}")
     for f in ("model.dtype", "model.param_dtype"):
         if _need(cfg, f, str) not in DTYPES:
-            raise _fail(f, f"not in {DTYPES}")
+            raise _fail(f, f"not in {tuple(DTYPES)}")
     _need(cfg, "model.question_encoder", str)
     _need(cfg, "model.generator", str)
     if not m.question_encoder or not m.generator:
@@ -162,13 +162,3 @@ def _any_count(shape: Any) -> int:
     import math
 
     return math.prod(s for s in shape if s != -1) if all(s == -1 or s > 0 for s in shape) else 0
-
-
-def global_batch_size(cfg: Any, num_devices: int) -> int:
-    """Examples per optimizer step (HF: batch per GPU x GPUs).
-
-    "Per device" counts batch shards: devices along ``tensor`` share one
-    batch shard, so the global batch is per-device x data x fsdp.
-    """
-    data, fsdp, _ = resolve_mesh_shape(cfg.mesh.shape, num_devices)
-    return cfg.train.per_device_batch_size * data * fsdp

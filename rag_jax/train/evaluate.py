@@ -1,16 +1,23 @@
 """Evaluation of a RAG model on a QA split: exact match / F1 of generated
-answers, retrieval answer recall@k, and the retrieval-collapse monitor."""
+answers, retrieval answer recall@k, and the retrieval-collapse monitor; for a
+run in progress (``run_eval``) or a finished workdir (``evaluate_checkpoint``)."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rag_jax.data import qa_formats
 from rag_jax.eval.monitor import collapse_stats
 from rag_jax.eval.qa import qa_metrics
-from rag_jax.eval.retrieval import answer_hits, gold_hits, recall_at_k
+from rag_jax.eval.retrieval import answer_hits, gold_hits, top_k_accuracy
+from rag_jax.rag.model import RagModel
+from rag_jax.train.setup import build_models, make_task, restore_params
+from rag_jax.train.task import RagTask
 
 
 def evaluate(
@@ -68,13 +75,13 @@ def evaluate(
     metrics: dict[str, Any] = dict(qa_metrics(preds, [list(a) for a in answers]))
     if hits_all:
         hits = np.concatenate(hits_all, axis=0)
-        for kk, v in recall_at_k(hits, sorted({1, min(5, k), k})).items():
+        for kk, v in top_k_accuracy(hits, sorted({1, min(5, k), k})).items():
             metrics[f"recall@{kk}"] = v
         if gold_all:
             gold = np.concatenate(gold_all, axis=0)
             known = np.array([len(p) > 0 for p in positive_ids], bool)
             if known.any():
-                for kk, v in recall_at_k(gold[known], sorted({1, min(5, k), k})).items():
+                for kk, v in top_k_accuracy(gold[known], sorted({1, min(5, k), k})).items():
                     metrics[f"gold_recall@{kk}"] = v
         for key in stats[0]:
             metrics[key] = float(np.mean([s[key] for s in stats]))
@@ -83,3 +90,42 @@ def evaluate(
     if return_predictions:
         metrics["predictions"] = preds
     return metrics
+
+
+def _read_split(path: str, fmt: str) -> tuple[list[str], list[list[str]], list[list[str]] | None]:
+    """Questions, answers and, when any record names them, gold passage ids."""
+    recs = list(qa_formats.read_qa(path, fmt))
+    gold = [list(r.positive_ids or ()) for r in recs]
+    return [r.question for r in recs], [list(r.answers) for r in recs], gold if any(gold) else None
+
+
+def run_eval(config: Any, task: RagTask, rag_model: RagModel, params: Any, split_file: str,
+             progress: bool = True, return_predictions: bool = False) -> dict[str, Any]:
+    questions, answers, gold = _read_split(split_file, config.data.format)
+    if config.eval.max_examples:
+        m = config.eval.max_examples
+        questions, answers, gold = questions[:m], answers[:m], (gold[:m] if gold else None)
+    return evaluate(task, rag_model, params, questions, answers, batch_size=config.eval.batch_size,
+                    num_beams=config.eval.num_beams, max_length=config.eval.max_length,
+                    decoding=config.eval.decoding, progress=progress, return_predictions=return_predictions,
+                    positive_ids=gold)
+
+
+def fmt_metrics(ev: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if isinstance(v, float))
+
+
+def evaluate_checkpoint(config: Any, workdir: str | os.PathLike, split: str = "test",
+                        verbose: bool = True) -> dict[str, Any]:
+    """EM/F1, recall@k and collapse statistics of the latest checkpoint on a split."""
+    file = {"dev": config.data.dev_file, "test": config.data.test_file}[split]
+    if not file:
+        raise ValueError(f"config.data.{split}_file is empty")
+    models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
+    params, step = restore_params(config, workdir, models)
+    task = make_task(config, models)
+    rag_model = RagModel(task.config, params, models.question_tokenizer, models.generator_tokenizer)
+    metrics = run_eval(config, task, rag_model, params, file, verbose)
+    metrics["step"] = step
+    return metrics
+

@@ -19,9 +19,7 @@ import numpy as np
 
 from rag_jax.data.tokenize import TextTokenizer
 from rag_jax.rag.inputs import build_context_strings
-from rag_jax.rag.model import RagConfig, nll, question_embedding, rag_loss
-
-VARIANTS = ("sequence", "token")
+from rag_jax.rag.model import VARIANTS, RagConfig, nll, question_embedding, rag_loss
 
 
 @dataclasses.dataclass

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from rag_jax.checkpoint import hf_io
-from rag_jax.checkpoint.hf_io import CheckpointError, Rule
+from rag_jax.hf import io as hf_io
+from rag_jax.hf.io import CheckpointError, Rule
 from rag_jax.models.bart import Bart, BartConfig
 
 _HANDLED = (

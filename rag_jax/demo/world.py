@@ -605,7 +605,7 @@ def load_world(out_dir: str | os.PathLike) -> WorldFiles:
     out = Path(out_dir)
     manifest = out / "manifest.json"
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no demo world here (run python -m rag_jax.data.demo_world --out {out})")
+        raise FileNotFoundError(f"{manifest}: no demo world here (run python -m rag_jax.demo.world --out {out})")
     m = json.loads(manifest.read_text(encoding="utf-8"))
     if m.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{manifest}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
@@ -751,7 +751,7 @@ def generate_world(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rag_jax.data.demo_world",
+    ap = argparse.ArgumentParser(prog="python -m rag_jax.demo.world",
                                  description="Write the demo's fictional knowledge base and QA splits.")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--seed", type=int, default=0)

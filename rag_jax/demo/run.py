@@ -100,7 +100,7 @@ def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any
 
 
 def _stage_world(work: Path, sizes: dict) -> dict[str, Path]:
-    from rag_jax.data.demo_world import generate_world
+    from rag_jax.demo.world import generate_world
 
     w = generate_world(work / "world", seed=0, **sizes["world"])
     _say(f"world: {w.num_passages} passages, {w.num_questions} questions, {w.num_swap} changed facts -> {w.out_dir}")
@@ -135,7 +135,7 @@ def _stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
 
 
 def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
-    from rag_jax.data.demo_world import generate_world
+    from rag_jax.demo.world import generate_world
     from rag_jax.data.tokenize import load_tokenizer
     from rag_jax.train.reader_warmup import warmup_generator
 

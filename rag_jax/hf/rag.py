@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rag_jax.checkpoint import hf_bart, hf_bert, hf_io
-from rag_jax.checkpoint.hf_io import CheckpointError
+from rag_jax.hf import bart as hf_bart, bert as hf_bert, io as hf_io
+from rag_jax.hf.io import CheckpointError
 from rag_jax.models.bart import BartConfig
 from rag_jax.models.bert import BertConfig
 

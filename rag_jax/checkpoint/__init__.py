@@ -1,1 +1,0 @@
-"""Checkpoints: HuggingFace import/export and (later) orbax training state."""

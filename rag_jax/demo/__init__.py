@@ -1,0 +1,1 @@
+"""The built-in demo: a generated fictional world (``world``) and the staged run over it (``run``)."""

@@ -1,0 +1,182 @@
+"""Everything a run needs before its first step: tokenizers (trained on the
+run's own text when none is given), models (HF checkpoints or tiny random
+ones), the RAG task around the retriever, the training data loader, and the
+params of a finished checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from rag_jax.data import qa_formats
+from rag_jax.data.pipeline import dataset_from_config, train_loader_from_config
+from rag_jax.data.tokenize import TextTokenizer, load_tokenizer
+from rag_jax.hf.rag import RagSettings
+from rag_jax.models.bart import Bart, BartConfig
+from rag_jax.models.bert import BertConfig, DprEncoder
+from rag_jax.models.layers import DTYPES
+from rag_jax.rag.model import RagConfig
+from rag_jax.train.checkpointing import CheckpointManager
+from rag_jax.train.task import RagTask
+
+
+
+@dataclasses.dataclass
+class Models:
+    question_config: BertConfig
+    generator_config: BartConfig
+    params: dict[str, Any]  # {"question_encoder": ..., "generator": ...}, unboxed, host
+    question_tokenizer: TextTokenizer
+    generator_tokenizer: TextTokenizer
+
+
+def _train_question_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
+    from tokenizers import BertWordPieceTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False,
+                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok.save_model(str(out))
+    return out
+
+
+def _corpus_texts(config: Any) -> list[str]:
+    texts = []
+    for f in (config.data.train_file, config.data.dev_file):
+        if f:
+            for rec in qa_formats.read_qa(f, config.data.format):
+                texts.append(rec.question)
+                texts.extend(rec.answers)
+    if config.retrieval.index_dir:
+        from rag_jax.retrieval.index import load_index
+
+        corpus = load_index(config.retrieval.index_dir).corpus
+        for i in range(min(len(corpus), 20000)):
+            texts.append(corpus.title(i) + " " + corpus.text(i))
+    return texts
+
+
+def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Models:
+    """Loads HF checkpoints named in the config, or builds tiny random ones
+    (training their tokenizers on the run's own data when none is given)."""
+    m = config.model
+    dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    dropout = m.get("dropout", None)
+    tok_dir = Path(workdir) / "tokenizers"
+    texts: list[str] | None = None
+
+    q_tok_path = m.get("question_tokenizer", "") or m.question_encoder
+    g_tok_path = m.get("generator_tokenizer", "") or m.generator
+    if q_tok_path:
+        q_tok = load_tokenizer(q_tok_path, "bert")
+    else:
+        texts = texts or _corpus_texts(config)
+        q_tok = load_tokenizer(_train_question_tokenizer(texts, tok_dir / "question", m.tiny.question_encoder.vocab_size), "bert")
+    if g_tok_path:
+        g_tok = load_tokenizer(g_tok_path, "bart")
+    else:
+        from rag_jax.data.train_tokenizer import train_bart_tokenizer
+
+        texts = texts or _corpus_texts(config)
+        g_tok = load_tokenizer(train_bart_tokenizer(texts, tok_dir / "generator", m.tiny.generator.vocab_size), "bart")
+
+    r_q, r_g = jax.random.split(rng)
+    if m.question_encoder:
+        from rag_jax.hf.bert import load_dpr
+
+        overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+        q_cfg, q_params, _ = load_dpr(m.question_encoder, dtype=dtype, param_dtype=param_dtype, **overrides)
+    else:
+        q_cfg = BertConfig(**{**dict(m.tiny.question_encoder), "vocab_size": q_tok.vocab_size},
+                           dtype=dtype, param_dtype=param_dtype,
+                           **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}))
+        ids = jnp.ones((1, 4), jnp.int32)
+        q_params = nn.meta.unbox(DprEncoder(q_cfg).init(r_q, ids, ids)["params"])
+    if m.generator:
+        from rag_jax.hf.bart import load_bart
+
+        overrides = {} if dropout is None else {"dropout": dropout}
+        g_cfg, g_params = load_bart(m.generator, dtype=dtype, param_dtype=param_dtype, **overrides)
+    else:
+        from rag_jax.generator import scratch_generator
+
+        g_cfg, g_params = scratch_generator(
+            dict(m.tiny.generator), g_tok, r_g, float(m.tiny.get("generator_sinusoidal_positions", 0.0)),
+            dtype=dtype, param_dtype=param_dtype, **({} if dropout is None else {"dropout": dropout}),
+        )
+    if g_tok.vocab_size > g_cfg.vocab_size:
+        raise ValueError(f"generator tokenizer has {g_tok.vocab_size} tokens but the model only {g_cfg.vocab_size}")
+    return Models(q_cfg, g_cfg, {"question_encoder": q_params, "generator": g_params}, q_tok, g_tok)
+
+
+def boxed_params(models: Models) -> Any:
+    """Abstract params with logical axis names, for the sharding rules."""
+    ids = jnp.ones((1, 4), jnp.int32)
+    return jax.eval_shape(lambda: {
+        "question_encoder": DprEncoder(models.question_config).init(jax.random.PRNGKey(0), ids, ids)["params"],
+        "generator": Bart(models.generator_config).init(jax.random.PRNGKey(0), ids, ids, ids)["params"],
+    })
+
+
+
+def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
+    closed = bool(config.train.closed_book)
+    if retriever is None and not closed:
+        from rag_jax.retrieval.retriever import Retriever
+
+        if not config.retrieval.index_dir:
+            raise ValueError("config.retrieval.index_dir is empty (set it, or train.closed_book=True)")
+        retriever = Retriever(config.retrieval.index_dir)
+    rag_cfg = RagConfig(models.question_config, models.generator_config,
+                        RagSettings(variant=config.model.variant, n_docs=config.retrieval.n_docs))
+    return RagTask(
+        config=rag_cfg, question_tokenizer=models.question_tokenizer, generator_tokenizer=models.generator_tokenizer,
+        retriever=None if closed else retriever, variant=config.model.variant,
+        n_docs=1 if closed else config.retrieval.n_docs, max_question_length=config.data.max_source_length,
+        max_combined_length=config.data.max_combined_length, max_target_length=config.data.max_target_length,
+        label_smoothing=config.train.label_smoothing, exclude_bos_score=config.train.exclude_bos_score,
+        closed_book=closed, freeze_question_encoder=bool(config.train.freeze_question_encoder),
+    )
+
+
+def global_batch_size(config: Any, num_devices: int) -> int:
+    gb = int(config.train.get("global_batch_size", 0) or 0)
+    if not gb:
+        # per_device_batch_size already counts every micro-batch (config_checks).
+        return config.train.per_device_batch_size * num_devices
+    return gb
+
+
+def build_train_loader(config: Any, workdir: str | os.PathLike, global_batch: int) -> Any:
+    """Endless shuffled training batches, this process's slice of each global batch.
+
+    The TFDS dataset is built once for every process (``dataset_from_config``
+    holds the others at a barrier while process 0 writes it).
+    """
+    if not config.data.train_file:
+        raise ValueError("config.data.train_file is empty")
+    return train_loader_from_config(config, dataset_from_config(config, workdir), global_batch)
+
+
+def restore_params(config: Any, workdir: str | os.PathLike, models: Models) -> tuple[Any, int]:
+    """Params of the latest checkpoint in ``workdir/checkpoints`` (host arrays)."""
+    ckpt = CheckpointManager(Path(workdir) / "checkpoints", every=config.checkpoint.every,
+                             keep=config.checkpoint.keep, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no finished checkpoint in {Path(workdir) / 'checkpoints'}")
+        state, _, step = ckpt.restore()
+    finally:
+        ckpt.close()
+    params = jax.tree.map(np.asarray, state["params"])
+    # Same structure as freshly built params (orbax returns plain nested dicts).
+    jax.tree.map(lambda a, b: None, models.params, params)
+    return params, step
+
