@@ -34,7 +34,6 @@ from rag_jax.retrieval.embeddings import (
 )
 
 JOB_FILE = "job.json"
-EncodeFn = Callable[..., Any]
 
 
 # ---------------------------------------------------------------------------

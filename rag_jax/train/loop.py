@@ -113,7 +113,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
                     print(f"[eval] step {done}: " + fmt_metrics(ev), flush=True)
             if on_step is not None:
                 on_step(done)
-            if preempt.requested:
+            # Every process must agree to stop at the same step (a notice can reach one host late).
+            if preempt.sync(done, ckpt):
                 if not params_finite:
                     _stop_diverged(ckpt, done, "parameters became non-finite", workdir)
                 ckpt.save(done, state, {"loader": loader.get_state()}, force=True)

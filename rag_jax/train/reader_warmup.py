@@ -33,7 +33,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rag_jax.data.qa_formats import read_jsonl
 from rag_jax.data.tokenize import TextTokenizer
@@ -43,6 +42,8 @@ from rag_jax.rag.inputs import build_context_strings
 from rag_jax.rag.model import doc_logits
 from rag_jax.retrieval.corpus import read_passages
 from rag_jax.train.optim import make_optimizer
+from rag_jax.train.state import TrainState
+from rag_jax.train.step import make_train_step
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -146,21 +147,19 @@ def _train(cfg: BartConfig, params: Any, data: dict[str, np.ndarray], steps: int
     inputs differ in length, so each starts from a fresh optimizer)."""
     tx, _ = make_optimizer(lr, max(1, steps // 10), max(2, steps), schedule="linear", weight_decay=0.01,
                            max_grad_norm=1.0)
-    opt_state = tx.init(params)
 
-    def loss_fn(p: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    def loss_fn(p: Any, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[jax.Array, dict]:
+        del rng  # dropout is off: the warm-up generator is built with dropout 0
         logits = doc_logits(cfg, p, batch["input_ids"][:, None], batch["attention_mask"][:, None], batch["labels"])
         b = batch["labels"].shape[0]
         losses = marginals.rag_nll(logits, jnp.zeros((b, 1), jnp.float32), batch["labels"], "sequence",
                                    pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id)
-        return jnp.mean(losses)
+        return jnp.mean(losses), {}
 
-    @jax.jit
-    def step(p: Any, s: Any, batch: dict[str, jax.Array]) -> tuple[Any, Any, jax.Array]:
-        loss, g = jax.value_and_grad(loss_fn)(p, batch)
-        updates, s = tx.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
+    # The same pure step and state as RAG training, on one device.
+    step = jax.jit(make_train_step(loss_fn, tx), donate_argnums=(0,))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(0))
     n = len(data["labels"])
     t0, losses = time.perf_counter(), []
     every = max(1, steps // 10)
@@ -169,10 +168,10 @@ def _train(cfg: BartConfig, params: Any, data: dict[str, np.ndarray], steps: int
               f"contexts of {data['input_ids'].shape[1]} tokens", flush=True)
     for i in range(1, steps + 1):
         idx = rng.integers(0, n, batch_size)
-        params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in data.items()})
-        losses.append(loss)
+        state, metrics = step(state, {k: v[idx] for k, v in data.items()})
+        losses.append(metrics["loss"])
         if verbose and (i % every == 0 or i == steps):
             rate = (time.perf_counter() - t0) / i
             print(f"[reader warm-up] {stage} step {i}/{steps} | loss {float(np.mean(jax.device_get(losses[-every:]))):.3f} "
                   f"| {rate:.2f}s/step | ETA {rate * (steps - i):.0f}s", flush=True)
-    return params, float(np.mean(jax.device_get(losses[-every:])))
+    return state.params, float(np.mean(jax.device_get(losses[-every:])))
