@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -195,14 +195,6 @@ def qa_loader_from_dir(
     return make_loader(tfds_builders.open_split(dataset_dir, split), batch_size, **kw)
 
 
-def iterate_records(loader: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Unbatches (dropping padding), for evaluation code that wants rows."""
-    for b in loader:
-        for i, ok in enumerate(b["mask"]):
-            if ok:
-                yield {k: b[k][i] for k in ("question", "answer", "answers", "qid")}
-
-
 # ------------------------------------------------------------- from config
 def dataset_from_config(cfg: Any, workdir: str | os.PathLike) -> "os.PathLike":
     """Builds (or reuses) the TFDS dataset of ``cfg.data``'s files.
@@ -243,16 +235,4 @@ def train_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, global_ba
     return qa_loader_from_dir(
         dataset_dir, "train", global_batch // count, seed=cfg.train.seed, shuffle=True,
         num_epochs=None, shard_index=index, shard_count=count, num_threads=cfg.data.num_threads,
-    )
-
-
-def eval_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, split: str = "validation") -> QALoader:
-    """One in-order pass over ``split``, last batch padded (see ``mask``)."""
-    index, count = process_shard()
-    src = tfds_builders.open_split(dataset_dir, split)
-    if cfg.eval.max_examples:
-        src = grain.MapDataset.source(src)[: cfg.eval.max_examples]
-    return make_loader(
-        src, cfg.eval.batch_size, shuffle=False, num_epochs=1, drop_remainder=False,
-        shard_index=index, shard_count=count, num_threads=cfg.data.num_threads,
     )

@@ -116,9 +116,6 @@ _RELATIONS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
                 ("The capital of {s} is {o}.", "{o} is the capital of {s}.", "{s} has {o} as its capital.")),
 }
 RELATIONS = tuple(_RELATIONS)
-# The facts the revised edition changes (cities elect mayors, firms move and
-# change business, people change employers and careers).
-REVISABLE = ("mayor", "headquarters", "employer", "occupation", "industry")
 
 # Fact-free sentences that pad passages to Wikipedia-like 100-word chunks. They
 # contain no names, digits, occupations or industries, so no answer string hides
@@ -597,23 +594,6 @@ def _cached(out: Path, params: dict) -> WorldFiles | None:
             return None
     if sorted(m.get("sha256", {})) != sorted(_FILE_NAMES):
         return None
-    return _world_files(out, m["counts"], skipped=True)
-
-
-def load_world(out_dir: str | os.PathLike) -> WorldFiles:
-    """The world already written in ``out_dir``, checked against its manifest's hashes."""
-    out = Path(out_dir)
-    manifest = out / "manifest.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no demo world here (run python -m rag_jax.demo.world --out {out})")
-    m = json.loads(manifest.read_text(encoding="utf-8"))
-    if m.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{manifest}: format_version {m.get('format_version')!r}, expected {FORMAT_VERSION}")
-    for name in _FILE_NAMES:
-        if not (out / name).is_file():
-            raise FileNotFoundError(f"{out / name}: listed in {manifest} but missing")
-        if _sha256(out / name) != m["sha256"].get(name):
-            raise ValueError(f"{out / name}: sha256 differs from {manifest}; regenerate the world")
     return _world_files(out, m["counts"], skipped=True)
 
 

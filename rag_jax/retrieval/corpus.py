@@ -397,11 +397,6 @@ class Corpus:
                 rows[j] = self.row_of(p)  # collision walk, or KeyError
         return rows
 
-    def iter_rows(self, start: int = 0, stop: int | None = None) -> Iterator[Passage]:
-        stop = self.count if stop is None else min(stop, self.count)
-        for r in range(start, stop):
-            yield self[r]
-
     def batch(self, start: int, stop: int) -> tuple[list[str], list[str]]:
         """(titles, texts) of rows ``[start, stop)``."""
         t, x = self._fields["titles"], self._fields["texts"]

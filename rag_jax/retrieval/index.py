@@ -153,9 +153,6 @@ class ExactIndex:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
         return np.concatenate(rows_out).astype(np.int64), np.concatenate(scores_out).astype(np.float32)
 
-    def memory_bytes(self) -> int:
-        return self.count * self.dim * 4
-
 
 def _check_queries(queries: Any, dim: int) -> np.ndarray:
     q = np.asarray(queries, np.float32)

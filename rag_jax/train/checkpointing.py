@@ -228,9 +228,6 @@ class PreemptionFlag:
         log.warning("signal %d received: final checkpoint requested", signum)
         self._event.set()
 
-    def request(self) -> None:
-        self._event.set()
-
     @property
     def requested(self) -> bool:
         return self._event.is_set()
