@@ -286,7 +286,7 @@ def test_params_logical_axes_and_sharded_forward(gens):
     boxed = jax.eval_shape(lambda: gen.model.init(jax.random.PRNGKey(0), ids, mask, dec))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
-    assert all(n in R.LOGICAL_AXES for x in leaves for n in x.names)
+    assert all(n in dict(R.DEFAULT_RULES) for x in leaves for n in x.names)
     shardings = R.mesh_shardings(boxed, mesh)
     for leaf, sh in zip(leaves, jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
         assert sh.spec == R.leaf_spec(leaf.names, leaf.value.shape, mesh)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 import rag_jax
 from rag_jax.hf.io import CheckpointError
 from rag_jax.models.bert import DprEncoder
-from rag_jax.parallel.rules import LOGICAL_AXES
+from rag_jax.parallel.rules import DEFAULT_RULES
 from transformers import (
     BertConfig as HFBertConfig,
     BertModel,
@@ -121,7 +121,7 @@ def test_params_carry_logical_axes(dpr_dirs):
     for leaf in leaves:
         assert isinstance(leaf, nn.Partitioned)
         assert len(leaf.names) == len(leaf.value.shape)
-        assert all(n in LOGICAL_AXES for n in leaf.names), leaf.names
+        assert all(n in dict(DEFAULT_RULES) for n in leaf.names), leaf.names
 
 
 def _copy(src: Path, dst: Path) -> Path:

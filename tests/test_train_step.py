@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.parallel import rules as R
@@ -58,12 +58,12 @@ def test_sharded_step_matches_single_device_and_follows_rules(mesh):
     single = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     sh1 = state_shardings(_boxed(), tx, single)
     s1 = create_state(_params(), tx, jax.random.PRNGKey(1), sh1)
-    b1 = jax.tree.map(lambda x: NamedSharding(single, R.logical_to_mesh_spec(("batch",))), batch)
+    b1 = jax.tree.map(lambda x: nn.logical_to_mesh_sharding(PartitionSpec("batch"), single, R.DEFAULT_RULES), batch)
     s1, m1 = jit_train_step(step, sh1, b1)(s1, batch)
 
     sh = state_shardings(_boxed(), tx, mesh)
     state = create_state(_params(), tx, jax.random.PRNGKey(1), sh)
-    bsh = jax.tree.map(lambda x: NamedSharding(mesh, R.logical_to_mesh_spec(("batch",))), batch)
+    bsh = jax.tree.map(lambda x: nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, R.DEFAULT_RULES), batch)
     train = jit_train_step(step, sh, bsh)
     state, m = train(state, batch)
     np.testing.assert_allclose(float(m["loss"]), float(m1["loss"]), rtol=1e-6)

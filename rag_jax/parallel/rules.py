@@ -1,9 +1,10 @@
 """The one table that maps logical axis names to mesh axes.
 
-Every parameter and activation that we shard is annotated with logical axis
-names (see ``rag_jax.models.layers``); this table decides which mesh axis each
-name lands on. Changing the parallelism strategy is a config change here, not
-a model change (the MaxText / t5x convention).
+Every parameter is annotated with logical axis names (see
+``rag_jax.models.layers``) and every input batch is split along ``batch``;
+this table decides which mesh axis each name lands on. Changing the
+parallelism strategy is a config change here, not a model change (the
+MaxText / t5x convention).
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axis or tuple of mesh axes or None)
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
+    # Activations: only the input batch is placed (train/loop.py batch_shardings);
+    # XLA propagates that and the parameter shardings through the step. The
+    # networks carry no activation constraints: RAG runs BART under jax.vmap
+    # over the retrieved documents, where a per-document constraint could not
+    # name the document axis, so names such as length or docs would be rules
+    # that nothing reads.
     ("batch", ("data", "fsdp")),
-    ("docs", None),
-    ("length", None),
-    ("act_embed", None),
     # parameters
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -33,8 +36,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("proj", None),
 )
-
-LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -50,11 +51,6 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
     return tuple(out)
 
 
-def logical_partition_specs(boxed_tree: Any) -> Any:
-    """PartitionSpecs of logical names for a tree of ``nn.Partitioned`` leaves."""
-    return nn.get_partition_spec(boxed_tree)
-
-
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """Drops mesh axes from dims they do not divide (those dims are replicated).
 
@@ -63,13 +59,12 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
     failing or padding the checkpoint.
     """
     out = []
-    for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for axes, size in zip(spec, shape):
         if axes is None:
             out.append(None)
             continue
         names = axes if isinstance(axes, tuple) else (axes,)
         kept = []
-        size = shape[i]
         for name in names:
             n = mesh.shape[name]
             if size % n == 0:
@@ -84,38 +79,23 @@ def leaf_spec(
     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES,
 ) -> PartitionSpec:
     """The mesh PartitionSpec of one array with logical axis ``names``."""
-    return fit_spec(logical_to_mesh_spec(names, rules), shape, mesh)
+    return fit_spec(nn.logical_to_mesh_axes(tuple(names), list(rules)), shape, mesh)
 
 
 def mesh_shardings(
     boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
 ) -> Any:
-    """NamedShardings for every leaf of a (possibly abstract) boxed param tree.
+    """NamedShardings for every leaf of a (possibly abstract) boxed tree.
 
-    Leaves that are not ``nn.Partitioned`` (none of ours are) are replicated.
+    flax's chain (``nn.get_partition_spec`` then ``nn.logical_to_mesh``), with
+    each spec fitted to its leaf's shape; leaves that are not
+    ``nn.Partitioned`` get an empty spec, i.e. are replicated.
     """
+    specs = nn.logical_to_mesh(nn.get_partition_spec(boxed_tree), list(rules))
 
-    def one(leaf: Any) -> NamedSharding:
-        if isinstance(leaf, nn.Partitioned):
-            return NamedSharding(mesh, leaf_spec(leaf.names, leaf.value.shape, mesh, rules))
-        return NamedSharding(mesh, PartitionSpec())
+    def one(spec: PartitionSpec, leaf: Any) -> NamedSharding:
+        shape = (leaf.value if isinstance(leaf, nn.Partitioned) else leaf).shape
+        return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
-    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def logical_to_mesh_spec(
-    logical: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
-) -> PartitionSpec:
-    """Mesh PartitionSpec for one tuple of logical names."""
-    return nn.logical_to_mesh_axes(tuple(logical), list(rules))
-
-
-def named_sharding(
-    mesh: Mesh, logical: Sequence[str | None], rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
-) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_mesh_spec(logical, rules))
-
-
-def shard_params(params: Any, shardings: Any) -> Any:
-    """Places an unboxed param tree onto the mesh with the given shardings."""
-    return jax.tree.map(jax.device_put, params, shardings)
+    # ``boxed_tree`` is read up to the leaves of ``specs``: one box per spec.
+    return jax.tree.map(one, specs, boxed_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
