@@ -319,7 +319,7 @@ def run_aot_child(args) -> None:
     from rag_jax.parallel import rules as R
     from rag_jax.parallel.mesh import make_mesh
     from rag_jax.rag.model import RagConfig, rag_loss
-    from rag_jax.train.config_checks import load_config_module
+    from rag_jax.config import load_config_module
     from rag_jax.train.loop import batch_shardings
     from rag_jax.train.optim import optimizer_from_config
     from rag_jax.train.state import TrainState, state_shardings

@@ -1,6 +1,6 @@
 """The demo world (rag_jax.demo.world): small real retriever (MiniLM),
 random-init BART trained from scratch on fictional facts; a few CPU minutes."""
-from rag_jax.train.config_checks import sibling
+from rag_jax.config import sibling
 
 
 def get_config():

@@ -7,7 +7,7 @@ warm-up steps, polynomial decay, label smoothing 0.1, weight decay 0.001,
 grad norm 0.1, dropout 0.1, n_docs 5, source 128 / target 25 tokens, batch 8
 per device (8 GPUs there: global batch 64).
 """
-from rag_jax.train.config_checks import sibling
+from rag_jax.config import sibling
 
 
 def get_config():

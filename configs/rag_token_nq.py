@@ -1,6 +1,6 @@
 """RAG-Token on Natural Questions at paper scale: the RAG-Sequence config
 with the per-token marginalization (same HF finetune_rag.sh hyperparameters)."""
-from rag_jax.train.config_checks import sibling
+from rag_jax.config import sibling
 
 
 def get_config():

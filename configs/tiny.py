@@ -1,5 +1,5 @@
 """A tiny random model on CPU: for tests and smoke runs (seconds per step)."""
-from rag_jax.train.config_checks import sibling
+from rag_jax.config import sibling
 
 
 def get_config():

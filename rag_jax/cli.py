@@ -1,9 +1,17 @@
-"""The ``rag-jax`` command: one subcommand per job, ``--help`` on each."""
+"""The ``rag-jax`` command: one subcommand per job, ``--help`` on each.
+
+Each ``cli_*`` module registers the subcommands of its job; their run
+functions import jax and the rest only when called, so building the parser
+(and ``rag-jax --help``) stays fast.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
+
+from rag_jax import cli_infer, cli_retrieval, cli_train
+from rag_jax.config import OVERRIDE_PREFIXES
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -20,22 +28,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(workdir=args.workdir, fresh=args.fresh, quick=args.quick)
 
 
-def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
-    adders: list[Callable] = [_add_demo]
-    # Each job registers its own subcommands from the module that owns it.
-    for module, names in [
-        ("rag_jax.cli_retrieval", ("add_build_index_parser", "add_search_parser")),
-        ("rag_jax.cli_train", ("add_train_parser", "add_eval_parser")),
-        ("rag_jax.cli_infer", ("add_export_parser", "add_ask_parser")),
-    ]:
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        adders += [getattr(mod, n) for n in names if hasattr(mod, n)]
-    return adders
+SUBCOMMANDS = (
+    _add_demo,
+    cli_retrieval.add_build_index_parser,
+    cli_retrieval.add_search_parser,
+    cli_train.add_train_parser,
+    cli_train.add_eval_parser,
+    cli_infer.add_export_parser,
+    cli_infer.add_ask_parser,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rag-jax", description="Retrieval-Augmented Generation in JAX/Flax (RAG-Sequence, RAG-Token)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in _optional_parsers():
+    for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse cannot declare "--config.<any field>"; the subcommands that load a
+    # config file (cli_train.add_config_arguments) take them from the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "config_overrides")
+    unknown = [a for a in extra if not (takes_overrides and a.startswith(OVERRIDE_PREFIXES))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if takes_overrides:
+        args.config_overrides = extra
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as e:

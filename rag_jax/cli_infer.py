@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from rag_jax.cli_train import add_config_arguments
+
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="training checkpoint -> inference directory (HF RAG format, no optimizer state)")
-    p.add_argument("--config", required=True, help="the training config file")
+    add_config_arguments(p)  # the training config, with the overrides training ran with
     p.add_argument("--workdir", required=True, help="the training workdir (its latest checkpoint is exported)")
     p.add_argument("--out", required=True, help="inference directory to write")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_run_export)
 
 
@@ -28,30 +29,11 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_ask)
 
 
-def export_from_workdir(config, workdir: str, out: str) -> None:  # noqa: ANN001
-    import jax
-
-    from rag_jax.infer import index_fingerprint, write_inference_json
-    from rag_jax.rag.model import RagModel
-    from rag_jax.train.setup import build_models, make_task, restore_params
-
-    models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
-    params, _ = restore_params(config, workdir, models)
-    task = make_task(config, models)
-    RagModel(task.config, params, models.question_tokenizer, models.generator_tokenizer).save_hf(out)
-    index_dir = config.retrieval.index_dir or None
-    write_inference_json(
-        out, index_dir=index_dir, index_fingerprint=index_fingerprint(index_dir) if index_dir else None,
-        variant=config.model.variant, n_docs=config.retrieval.n_docs,
-        max_question_length=config.data.max_source_length, max_combined_length=config.data.max_combined_length,
-        max_target_length=config.data.max_target_length,
-    )
-
-
 def _run_export(args: argparse.Namespace) -> int:
-    from rag_jax.cli_train import _config
+    from rag_jax.config import load_config
+    from rag_jax.infer import export_from_workdir
 
-    export_from_workdir(_config(args.config, args.set), args.workdir, args.out)
+    export_from_workdir(load_config(args.config, args.config_overrides), args.workdir, args.out)
     print(f"[export] wrote {args.out}")
     return 0
 

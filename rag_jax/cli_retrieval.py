@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import time
-from pathlib import Path
 
 
 def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,80 +52,21 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_build_index(args: argparse.Namespace) -> int:
-    from rag_jax.retrieval.corpus import Corpus, build_corpus
-    from rag_jax.retrieval.embeddings import EmbeddingStore, import_embeddings
-    from rag_jax.retrieval.encode import encode_corpus
-    from rag_jax.retrieval.index import build_index
+    from rag_jax.retrieval.build import build_index_dir
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"{out} already exists (use --overwrite)")
-    if bool(args.passages) == bool(args.corpus):
-        raise ValueError("give exactly one of --passages FILE or --corpus DIR")
-    imports = bool(args.embeddings_pkl) + bool(args.embeddings_npy)
-    if imports > 1 or not (imports or args.encoder):
-        raise ValueError("give --encoder (to encode), or one of --embeddings-pkl / --embeddings-npy "
-                         "(to import; with --encoder too, its fingerprint is recorded in the manifest)")
-    progress = not args.no_progress
-    work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-
-    if args.corpus:
-        corpus = Corpus(args.corpus)
-    else:
-        cdir = work / "corpus"
-        if (cdir / "manifest.json").is_file():
-            corpus = Corpus(cdir)
-            if corpus.manifest.get("source") != str(Path(args.passages).resolve()):
-                raise ValueError(f"{work} holds a corpus from {corpus.manifest.get('source')}; delete it to start over")
-            print(f"[build-index] reusing corpus store {cdir} ({len(corpus)} passages)")
-        else:
-            corpus = build_corpus(args.passages, cdir, split_words=args.split_words or None, progress=progress)
-            print(f"[build-index] corpus: {len(corpus)} passages ({time.perf_counter() - t0:.1f}s)")
-
-    edir = work / "embeddings"
-    fingerprint = None
-    if args.encoder:
-        import rag_jax
-
-        encoder = rag_jax.load_encoder(args.encoder)
-        fingerprint = encoder.fingerprint()
-    if not imports:
-        t1 = time.perf_counter()
-        store = encode_corpus(
-            corpus, encoder, edir, batch_size=args.batch_size, shard_rows=args.shard_rows or None,
-            max_length=args.max_length, dtype=args.dtype, token_types=args.token_types,
-            length_bucket=args.length_bucket or None, progress=progress,
-        )
-        dt = time.perf_counter() - t1
-        print(f"[build-index] encoded {len(corpus)} passages in {dt:.1f}s ({len(corpus) / max(dt, 1e-9):.1f} passages/s)")
-    elif (edir / "embeddings.json").is_file():
-        store = EmbeddingStore(edir)
-    else:
-        store = import_embeddings(
-            corpus, edir, dpr_pickles=args.embeddings_pkl, npy=args.embeddings_npy, ids=args.embeddings_ids,
-            dtype=args.dtype, encoder_fingerprint=fingerprint, progress=progress,
-        )
-        print(f"[build-index] imported {store.count} x {store.dim} embeddings")
-
-    overrides = {
+    scann = {
         "num_leaves": args.num_leaves, "num_leaves_to_search": args.num_leaves_to_search,
         "reorder_k": args.reorder_k, "reorder_dtype": args.reorder_dtype,
         "training_sample_size": args.training_sample_size, "brute_force": args.brute_force,
     }
-    t2 = time.perf_counter()
-    build_index(
-        store, out, kind=args.index_type, corpus=corpus, include_corpus=True, encoder_fingerprint=fingerprint,
-        scann_params={k: v for k, v in overrides.items() if v is not None}, overwrite=args.overwrite,
-        move_inputs=True, move_corpus=not args.corpus,
-    )
-    shutil.rmtree(work, ignore_errors=True)
-    manifest = json.loads((out / "manifest.json").read_text())
-    print(
-        f"[build-index] {args.index_type} index of {manifest['count']} x {manifest['dim']} in "
-        f"{time.perf_counter() - t2:.1f}s -> {out} (search structure {manifest['search_bytes'] / max(manifest['count'], 1):.0f} "
-        f"bytes/passage; total {time.perf_counter() - t0:.1f}s)"
+    build_index_dir(
+        args.out, passages=args.passages, corpus=args.corpus, split_words=args.split_words,
+        encoder=args.encoder, embeddings_pkl=args.embeddings_pkl, embeddings_npy=args.embeddings_npy,
+        embeddings_ids=args.embeddings_ids, batch_size=args.batch_size, max_length=args.max_length,
+        length_bucket=args.length_bucket, shard_rows=args.shard_rows, dtype=args.dtype,
+        token_types=args.token_types, index_type=args.index_type,
+        scann_params={k: v for k, v in scann.items() if v is not None},  # unset flags keep ScaNN's defaults
+        overwrite=args.overwrite, progress=not args.no_progress,
     )
     return 0
 
@@ -147,19 +85,24 @@ def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     import rag_jax
-    from rag_jax.retrieval.encode import encode_queries
+    from rag_jax.rag.inputs import retrieve_contexts
     from rag_jax.retrieval.retriever import Retriever
 
     retriever = Retriever(args.index, corpus=args.corpus)
     encoder = rag_jax.load_encoder(args.encoder)
     if encoder.dim != retriever.index.dim:
         raise ValueError(f"question encoder dimension {encoder.dim} != index dimension {retriever.index.dim}")
-    q = encode_queries(encoder, args.questions, max_length=args.max_length)
-    res = retriever.retrieve(q, args.k)
+    if encoder.tokenizer is None:
+        raise ValueError(f"{args.encoder}: no tokenizer files (vocab.txt / tokenizer.json)")
+    # The retrieval half of the training/inference path; no generator, so no contexts.
+    res = retrieve_contexts(
+        args.questions, question_config=encoder.config, question_params=encoder.params,
+        question_tokenizer=encoder.tokenizer, retriever=retriever, n_docs=args.k, max_question_length=args.max_length,
+    )
     for i, question in enumerate(args.questions):
         if args.json:
             hits = [
-                {"id": str(res.ids[i, j]), "title": res.titles[i][j], "score": float(res.scores[i, j]),
+                {"id": str(res.ids[i, j]), "title": res.titles[i][j], "score": float(res.doc_scores[i, j]),
                  "text": res.texts[i][j]}
                 for j in range(args.k)
             ]
@@ -169,6 +112,6 @@ def run_search(args: argparse.Namespace) -> int:
         for j in range(args.k):
             text = res.texts[i][j]
             snippet = text if len(text) <= 100 else text[:97] + "..."
-            print(f"  {j + 1:2d}. id={res.ids[i, j]}  score={res.scores[i, j]:.4f}  {res.titles[i][j]}  |  {snippet}")
+            print(f"  {j + 1:2d}. id={res.ids[i, j]}  score={res.doc_scores[i, j]:.4f}  {res.titles[i][j]}  |  {snippet}")
     sys.stdout.flush()
     return 0

@@ -141,3 +141,26 @@ class RagPipeline:
             ]
             answers.append(Answer(q, texts[i], passages))
         return answers
+
+
+def export_from_workdir(config: Any, workdir: str | os.PathLike, out: str | os.PathLike) -> None:
+    """A training workdir's latest checkpoint -> inference directory ``out``
+    (HF RAG files + ``rag_jax_inference.json``; no optimizer state)."""
+    # Imported here: the training stack (orbax, data pipeline) is not needed to
+    # load and query an exported model.
+    import jax
+
+    from rag_jax.rag.model import RagModel
+    from rag_jax.train.setup import build_models, make_task, restore_params
+
+    models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
+    params, _ = restore_params(config, workdir, models)
+    task = make_task(config, models)
+    RagModel(task.config, params, models.question_tokenizer, models.generator_tokenizer).save_hf(out)
+    index_dir = config.retrieval.index_dir or None
+    write_inference_json(
+        out, index_dir=index_dir, index_fingerprint=index_fingerprint(index_dir) if index_dir else None,
+        variant=config.model.variant, n_docs=config.retrieval.n_docs,
+        max_question_length=config.data.max_source_length, max_combined_length=config.data.max_combined_length,
+        max_target_length=config.data.max_target_length,
+    )

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from rag_jax.config import load_config_module
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import DEFAULT_RULES
 from rag_jax.train import config_checks as C
@@ -15,7 +16,7 @@ CONFIG_FILES = sorted(f for f in glob.glob(os.path.join(ROOT, "configs", "*.py")
 
 
 def _load(name):
-    return C.load_config_module(os.path.join(ROOT, "configs", f"{name}.py")).get_config()
+    return load_config_module(os.path.join(ROOT, "configs", f"{name}.py")).get_config()
 
 
 def test_expected_configs_exist():
@@ -26,7 +27,7 @@ def test_expected_configs_exist():
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
 def test_config_loads_validates_and_builds_optimizer(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs must not depend on the working directory
-    cfg = C.load_config_module(path).get_config()
+    cfg = load_config_module(path).get_config()
     C.validate(cfg, num_devices=8)
     assert tuple(cfg.mesh.logical_axis_rules) == DEFAULT_RULES
     tx, sched = optimizer_from_config(cfg.train)

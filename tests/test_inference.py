@@ -12,8 +12,7 @@ import torch
 
 import rag_jax
 from rag_jax.cli import main as cli
-from rag_jax.cli_infer import export_from_workdir
-from rag_jax.infer import INFERENCE_FILE, RagPipeline
+from rag_jax.infer import INFERENCE_FILE, RagPipeline, export_from_workdir
 from rag_jax.rag.model import RagModel
 from rag_jax.retrieval.corpus import read_passages
 from rag_jax.retrieval.index import IndexMismatchError

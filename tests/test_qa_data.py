@@ -223,7 +223,7 @@ def test_config_pipeline_resumes_through_checkpoint(built, tmp_path):
     import jax.numpy as jnp
 
     from rag_jax.train.checkpointing import CheckpointManager
-    from rag_jax.train.config_checks import load_config_module
+    from rag_jax.config import load_config_module
 
     root, _ = built
     cfg = load_config_module(__file__.replace("tests/test_qa_data.py", "configs/tiny.py")).get_config()

@@ -40,7 +40,7 @@ def make_world(root: Path) -> dict[str, Path]:
 
 
 def tiny_config(paths: dict[str, Path], **train):
-    from rag_jax.train.config_checks import load_config_module
+    from rag_jax.config import load_config_module
 
     c = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").get_config()
     c.data.train_file = str(paths["train"])

@@ -58,9 +58,9 @@ RUNS = {
 
 def _base_config() -> Any:
     """``configs/demo.py``: the generator's shape and the training defaults."""
-    from rag_jax.train.config_checks import load_config_module
+    from rag_jax.config import load_config_module
 
-    return load_config_module(Path(__file__).resolve().parents[1] / "configs" / "demo.py").get_config()
+    return load_config_module(Path(__file__).resolve().parents[2] / "configs" / "demo.py").get_config()
 
 
 def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any:
@@ -99,7 +99,7 @@ def demo_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any
     return c
 
 
-def _stage_world(work: Path, sizes: dict) -> dict[str, Path]:
+def stage_world(work: Path, sizes: dict) -> dict[str, Path]:
     from rag_jax.demo.world import generate_world
 
     w = generate_world(work / "world", seed=0, **sizes["world"])
@@ -109,7 +109,7 @@ def _stage_world(work: Path, sizes: dict) -> dict[str, Path]:
             "swap": Path(w.swap)}
 
 
-def _stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
+def stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
     from rag_jax.data.train_tokenizer import train_bart_tokenizer
     from rag_jax.retrieval.corpus import read_passages
 
@@ -134,7 +134,7 @@ def _stage_tokenizer(work: Path, paths: dict[str, Path]) -> Path:
     return out
 
 
-def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
+def stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
     from rag_jax.demo.world import generate_world
     from rag_jax.data.tokenize import load_tokenizer
     from rag_jax.train.reader_warmup import warmup_generator
@@ -160,17 +160,15 @@ def _stage_warmup(work: Path, paths: dict[str, Path], sizes: dict) -> Path:
     )
 
 
-def _stage_index(work: Path, passages: Path, name: str) -> Path:
-    from rag_jax.cli import main as cli
+def stage_index(work: Path, passages: Path, name: str) -> Path:
+    from rag_jax.retrieval.build import build_index_dir
 
     out = work / name
     if (out / "manifest.json").is_file():
         return out
     _say(f"encoding {passages.name} with all-MiniLM-L6-v2 and building the ScaNN index {out}")
-    rc = cli(["build-index", "--passages", str(passages), "--encoder", minilm_dir(), "--out", str(out),
-              "--index-type", "scann", "--max-length", "160", "--batch-size", "64", "--overwrite"])
-    if rc:
-        raise RuntimeError(f"build-index failed for {passages}")
+    build_index_dir(out, passages=passages, encoder=minilm_dir(), index_type="scann", max_length=160, batch_size=64,
+                    overwrite=True)
     return out
 
 
@@ -233,7 +231,7 @@ def _stage_train(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> 
 
 
 def _stage_export(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> Path:
-    from rag_jax.cli_infer import export_from_workdir
+    from rag_jax.infer import export_from_workdir
 
     out = work / "export" / name
     if (out / "config.json").is_file():
@@ -314,10 +312,10 @@ def run_demo(workdir: str | os.PathLike = "demo_out", fresh: bool = False, quick
     work.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
     t0 = time.perf_counter()
-    paths = _stage_world(work, sizes)
-    paths["tokenizer"] = _stage_tokenizer(work, paths)
-    paths["generator"] = _stage_warmup(work, paths, sizes)
-    paths["index"] = _stage_index(work, paths["passages"], "index")
+    paths = stage_world(work, sizes)
+    paths["tokenizer"] = stage_tokenizer(work, paths)
+    paths["generator"] = stage_warmup(work, paths, sizes)
+    paths["index"] = stage_index(work, paths["passages"], "index")
     revised = _stage_revised_index(work, paths["passages_revised"], paths["index"])
     results = {name: _stage_train(work, paths, sizes, name) for name in RUNS}
     model_dir = _stage_export(work, paths, sizes, "rag_sequence")

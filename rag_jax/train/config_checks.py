@@ -1,11 +1,7 @@
-"""Config loading helpers and ``validate``: catch a bad config before any
-device work starts, naming the offending field."""
+"""``validate``: catch a bad config before any device work starts, naming
+the offending field (loading config files is ``rag_jax.config``)."""
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rag_jax.models.layers import DTYPES
@@ -16,23 +12,6 @@ from rag_jax.train.optim import SCHEDULES
 
 QA_FORMATS = ("auto", "dpr_csv", "jsonl", "seq2seq")
 DECODINGS = ("thorough", "fast")
-
-
-def load_config_module(path: str | os.PathLike) -> ModuleType:
-    """Imports a config file by path (as ``--config=configs/x.py`` does)."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"rag_jax_config_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def sibling(file: str, name: str) -> ModuleType:
-    """Config module ``name`` next to ``file``: configs import ``base`` this way,
-    which works whatever the current directory or sys.path."""
-    return load_config_module(Path(file).with_name(f"{name}.py"))
 
 
 def _fail(field: str, msg: str) -> ValueError:
