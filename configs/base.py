@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.generator_tokenizer = ""
     m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"
+    # Of every matmul in both towers: highest | high | default (jax.lax.Precision).
+    m.matmul_precision = "highest"
     m.dropout = 0.1  # None keeps the checkpoint's own dropout settings
     m.tiny = ml_collections.ConfigDict()
     m.tiny.question_encoder = ml_collections.ConfigDict(dict(

@@ -216,6 +216,17 @@ def test_grouped_cross_attention_equals_copied_rows(gens):
     assert _rel_err(grouped, full) < 1e-5
 
 
+def test_matmul_precision_is_ours_not_an_hf_attribute(bart_dirs, gens):
+    path, _ = bart_dirs["gelu"]
+    config, _ = hf_bart.load_bart(path, precision="default")
+    assert config.precision == "default" and gens["gelu"].config.precision == "highest"
+    hf = hf_bart.config_to_hf(config)
+    assert "precision" not in hf  # an exported config.json stays a plain HF one
+    assert hf_bart.config_from_hf(hf) == config.replace(precision="highest")
+    with pytest.raises(CheckpointError, match="precision 'fastest'"):
+        hf_bart.config_from_hf(hf, precision="fastest")
+
+
 def test_bf16_compute_f32_params(bart_dirs, gens):
     path, _ = bart_dirs["gelu"]
     ids, mask, dec = _inputs()

@@ -56,6 +56,7 @@ def test_paper_configs_carry_finetune_rag_hyperparameters(variant):
     ("train.grad_accum_steps", 3, "train.grad_accum_steps"),
     ("model.variant", "seq", "model.variant"),
     ("model.dtype", "int8", "model.dtype"),
+    ("model.matmul_precision", "fastest", "model.matmul_precision"),
     ("retrieval.n_docs", 0, "retrieval.n_docs"),
     ("mesh.shape", (-1, -1, 1), "at most one entry may be -1"),
     ("mesh.shape", (3, 1, 1), "uses 3 devices"),

@@ -60,6 +60,8 @@ _REQUIRED = {
 }
 # Buffers / duplicates that carry nothing beyond what the rules map.
 _IGNORE = (r"embed_positions\._float_tensor$", r"position_ids$")
+# BartConfig fields that are ours (how to compute), not HF attributes.
+_OURS = ("dtype", "param_dtype", "precision")
 _TIED = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
 
 
@@ -67,7 +69,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json", **overrid
     hf_io.check_config_keys(hf, _HANDLED, _INERT, source)
     for key, allowed in _REQUIRED.items():
         hf_io.require_value(hf, key, allowed, source)
-    kwargs = {f: hf[f] for f in dataclasses_fields(BartConfig) if f in hf and f not in ("dtype", "param_dtype")}
+    kwargs = {f: hf[f] for f in dataclasses_fields(BartConfig) if f in hf and f not in _OURS}
     kwargs.update(overrides)
     try:
         return BartConfig(**kwargs)
@@ -86,7 +88,7 @@ def config_to_hf(config: BartConfig) -> dict[str, Any]:
     out = {
         name: getattr(config, name)
         for name in dataclasses_fields(BartConfig)
-        if name not in ("dtype", "param_dtype")
+        if name not in _OURS
     }
     out.update(
         model_type="bart",

@@ -51,7 +51,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json", **overrid
     kwargs = {
         f.name: hf[f.name]
         for f in BertConfig.__dataclass_fields__.values()
-        if f.name in hf and f.name not in ("dtype", "param_dtype")
+        if f.name in hf and f.name not in ("dtype", "param_dtype", "precision")
     }
     if kwargs.get("projection_dim") is None:
         kwargs["projection_dim"] = 0

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rag_jax.models.layers import Attention, Dense, Embed, LayerNorm, activation, causal_bias, padding_bias
+from rag_jax.models.layers import PRECISIONS, Attention, Dense, Embed, LayerNorm, activation, causal_bias, padding_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class BartConfig:
     forced_eos_token_id: int | None = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    precision: str = "highest"  # of every matmul (models/layers.py PRECISIONS)
 
     def __post_init__(self) -> None:
         for side in ("encoder", "decoder"):
@@ -52,6 +53,8 @@ class BartConfig:
             if self.d_model % heads:
                 raise ValueError(f"d_model {self.d_model} is not a multiple of {side}_attention_heads {heads}")
         activation(self.activation_function)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
 
     def replace(self, **kw: Any) -> "BartConfig":
         return dataclasses.replace(self, **kw)
@@ -63,7 +66,7 @@ POSITION_OFFSET = 2  # HF BartLearnedPositionalEmbedding reads row position + 2
 def _ffn_block(c: BartConfig, x: jax.Array, ffn_dim: int, deterministic: bool) -> jax.Array:
     """fc1 -> activation -> fc2, residual, post-LN; called inside a layer's
     compact ``__call__`` so its submodules (fc1, fc2, final_ln) belong to that layer."""
-    kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
+    kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype, precision=c.precision)
     h = activation(c.activation_function)(Dense(ffn_dim, ("embed", "mlp"), name="fc1", **kw)(x))
     h = nn.Dropout(c.activation_dropout)(h, deterministic=deterministic)
     h = Dense(c.d_model, ("mlp", "embed"), name="fc2", **kw)(h)
@@ -77,7 +80,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
-        kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
+        kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype, precision=c.precision)
         heads = c.encoder_attention_heads
         h = Attention(heads, c.d_model // heads, c.d_model, dropout_rate=c.attention_dropout, name="self_attn", **kw)(
             x, x, bias, deterministic=deterministic
@@ -101,7 +104,7 @@ class DecoderLayer(nn.Module):
         decode: bool,
     ) -> jax.Array:
         c = self.config
-        kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
+        kw = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype, precision=c.precision)
         heads = c.decoder_attention_heads
         h = Attention(heads, c.d_model // heads, c.d_model, dropout_rate=c.attention_dropout, name="self_attn", **kw)(
             x, x, self_bias, deterministic=deterministic, decode=decode
@@ -124,7 +127,7 @@ class Bart(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        emb = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype)
+        emb = dict(init_std=c.init_std, dtype=c.dtype, param_dtype=c.param_dtype, precision=c.precision)
         self.shared = Embed(c.vocab_size, c.d_model, ("vocab", "embed"), **emb)
         n_pos = c.max_position_embeddings + POSITION_OFFSET
         self.encoder_positions = Embed(n_pos, c.d_model, ("position", "embed"), **emb)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rag_jax.models.layers import Attention, Dense, Embed, LayerNorm, activation, padding_bias
+from rag_jax.models.layers import PRECISIONS, Attention, Dense, Embed, LayerNorm, activation, padding_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,7 @@ class BertConfig:
     pad_token_id: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    precision: str = "highest"  # of every matmul (models/layers.py PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -41,6 +42,8 @@ class BertConfig:
                 f"num_attention_heads {self.num_attention_heads}"
             )
         activation(self.hidden_act)  # fails early on an unknown name
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
 
     @property
     def head_dim(self) -> int:
@@ -60,7 +63,7 @@ class BertLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         c = self.config
-        kw = dict(init_std=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype)
+        kw = dict(init_std=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype, precision=c.precision)
         attn = Attention(
             num_heads=c.num_attention_heads,
             head_dim=c.head_dim,
@@ -98,7 +101,7 @@ class DprEncoder(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        emb_kw = dict(init_std=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype)
+        emb_kw = dict(init_std=c.initializer_range, dtype=c.dtype, param_dtype=c.param_dtype, precision=c.precision)
         positions = jnp.arange(input_ids.shape[-1])[None, :]
         x = (
             Embed(c.vocab_size, c.hidden_size, ("vocab", "embed"), name="word_embeddings", **emb_kw)(input_ids)
@@ -124,6 +127,7 @@ class DprEncoder(nn.Module):
                 init_std=c.initializer_range,
                 dtype=c.dtype,
                 param_dtype=c.param_dtype,
+                precision=c.precision,
                 name="encode_proj",
             )(pooled)
         return pooled.astype(jnp.float32)

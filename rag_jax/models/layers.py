@@ -16,6 +16,10 @@ from flax import linen as nn
 
 # The compute and parameter dtypes a config may name (``model.dtype``, ``model.param_dtype``).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The matmul precisions a config may name (``model.matmul_precision``), as
+# ``jax.lax.Precision`` spells them. "highest" keeps float32 matmuls exact on
+# accelerators (HF parity); "default" lets them use bf16/tf32 passes.
+PRECISIONS = ("default", "high", "highest")
 
 Dtype = Any
 Array = jax.Array
@@ -72,6 +76,7 @@ class Dense(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: str = "highest"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -89,7 +94,7 @@ class Dense(nn.Module):
             x.astype(self.dtype),
             jnp.asarray(kernel, self.dtype),
             ((axes, tuple(range(len(axes)))), ((), ())),
-            precision=jax.lax.Precision.HIGHEST,
+            precision=self.precision,
         )
         if self.use_bias:
             bias = self.param(
@@ -135,6 +140,7 @@ class Embed(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: str = "highest"
 
     def setup(self) -> None:
         self.embedding = self.param(
@@ -152,7 +158,7 @@ class Embed(nn.Module):
             "...d,vd->...v",
             x,
             jnp.asarray(self.embedding, self.dtype),
-            precision=jax.lax.Precision.HIGHEST,
+            precision=self.precision,
         )
 
 
@@ -191,6 +197,7 @@ class Attention(nn.Module):
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precision: str = "highest"
 
     def _proj(self, name: str) -> Dense:
         return Dense(
@@ -199,6 +206,7 @@ class Attention(nn.Module):
             init_std=self.init_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            precision=self.precision,
             name=name,
         )
 
@@ -254,7 +262,7 @@ class Attention(nn.Module):
             if bias is not None and bias.shape[0] == rows:
                 bias = bias[::groups]  # one document's key mask serves its beams
         scores = jnp.einsum(
-            "bqhd,bkhd->bhqk", query, key, precision=jax.lax.Precision.HIGHEST
+            "bqhd,bkhd->bhqk", query, key, precision=self.precision
         ).astype(jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         if bias is not None:
@@ -264,7 +272,7 @@ class Attention(nn.Module):
         if self.dropout_rate > 0.0 and not deterministic:
             probs = nn.Dropout(rate=self.dropout_rate)(probs, deterministic=False)
         context = jnp.einsum(
-            "bhqk,bkhd->bqhd", probs, value, precision=jax.lax.Precision.HIGHEST
+            "bhqk,bkhd->bqhd", probs, value, precision=self.precision
         )
         if groups > 1:
             context = context.reshape(rows, -1, *context.shape[2:])
@@ -275,5 +283,6 @@ class Attention(nn.Module):
             init_std=self.init_std,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            precision=self.precision,
             name="out",
         )(context)

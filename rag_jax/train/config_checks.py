@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rag_jax.models.layers import DTYPES
+from rag_jax.models.layers import DTYPES, PRECISIONS
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import MESH_AXES
 from rag_jax.rag.model import VARIANTS
@@ -40,6 +40,8 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
     for f in ("model.dtype", "model.param_dtype"):
         if _need(cfg, f, str) not in DTYPES:
             raise _fail(f, f"not in {tuple(DTYPES)}")
+    if _need(cfg, "model.matmul_precision", str) not in PRECISIONS:
+        raise _fail("model.matmul_precision", f"not in {PRECISIONS}")
     _need(cfg, "model.question_encoder", str)
     _need(cfg, "model.generator", str)
     if not m.question_encoder or not m.generator:

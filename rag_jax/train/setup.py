@@ -68,6 +68,7 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
     (training their tokenizers on the run's own data when none is given)."""
     m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+    numerics = dict(dtype=dtype, param_dtype=param_dtype, precision=m.matmul_precision)
     dropout = m.get("dropout", None)
     tok_dir = Path(workdir) / "tokenizers"
     texts: list[str] | None = None
@@ -92,10 +93,9 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
         from rag_jax.hf.bert import load_dpr
 
         overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
-        q_cfg, q_params, _ = load_dpr(m.question_encoder, dtype=dtype, param_dtype=param_dtype, **overrides)
+        q_cfg, q_params, _ = load_dpr(m.question_encoder, **numerics, **overrides)
     else:
-        q_cfg = BertConfig(**{**dict(m.tiny.question_encoder), "vocab_size": q_tok.vocab_size},
-                           dtype=dtype, param_dtype=param_dtype,
+        q_cfg = BertConfig(**{**dict(m.tiny.question_encoder), "vocab_size": q_tok.vocab_size}, **numerics,
                            **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}))
         ids = jnp.ones((1, 4), jnp.int32)
         q_params = nn.meta.unbox(DprEncoder(q_cfg).init(r_q, ids, ids)["params"])
@@ -103,13 +103,13 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
         from rag_jax.hf.bart import load_bart
 
         overrides = {} if dropout is None else {"dropout": dropout}
-        g_cfg, g_params = load_bart(m.generator, dtype=dtype, param_dtype=param_dtype, **overrides)
+        g_cfg, g_params = load_bart(m.generator, **numerics, **overrides)
     else:
         from rag_jax.generator import scratch_generator
 
         g_cfg, g_params = scratch_generator(
             dict(m.tiny.generator), g_tok, r_g, float(m.tiny.get("generator_sinusoidal_positions", 0.0)),
-            dtype=dtype, param_dtype=param_dtype, **({} if dropout is None else {"dropout": dropout}),
+            **numerics, **({} if dropout is None else {"dropout": dropout}),
         )
     if g_tok.vocab_size > g_cfg.vocab_size:
         raise ValueError(f"generator tokenizer has {g_tok.vocab_size} tokens but the model only {g_cfg.vocab_size}")
