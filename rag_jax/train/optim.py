@@ -49,19 +49,20 @@ def make_schedule(
     if kind == "linear":
         end_lr, power = 0.0, 1.0
     warm = max(warmup_steps, 1)
+
+    def warmup(count: jax.Array) -> jax.Array:
+        # HF's lr * step / warmup. optax.linear_schedule computes
+        # lr - lr * (1 - step / warmup) instead, which rounds differently.
+        return lr * jnp.asarray(count, jnp.float32) / warm
+
+    if kind == "constant":
+        return optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps])
     decay_steps = max(total_steps - warmup_steps, 1)
-
-    def schedule(count: jax.Array) -> jax.Array:
-        step = jnp.asarray(count, jnp.float32)
-        warm_lr = lr * step / warm
-        if kind == "constant":
-            after = jnp.asarray(lr, jnp.float32)
-        else:
-            remaining = jnp.clip(1.0 - (step - warmup_steps) / decay_steps, 0.0, 1.0)
-            after = (lr - end_lr) * remaining**power + end_lr
-        return jnp.where(step < warmup_steps, warm_lr, after)
-
-    return schedule
+    decay = optax.polynomial_schedule(lr, end_lr, power, decay_steps)
+    # From total_steps on HF gives exactly end_lr. Held by the clipped
+    # polynomial, it would carry XLA's rounding of 1 - n * (1 / n) under jit.
+    end = warmup_steps + decay_steps
+    return optax.join_schedules([warmup, decay, optax.constant_schedule(end_lr)], [warmup_steps, end])
 
 
 def _names(path: Sequence[Any]) -> list[str]:
@@ -97,27 +98,21 @@ def decay_mask(params: Any) -> Any:
 
 
 def freeze_labels(params: Any, frozen: Sequence[str] = ()) -> Any:
-    """'frozen' for leaves whose path (``a/b/c``) starts with a prefix in ``frozen``."""
+    """'frozen' for leaves whose path (``a/b/c``) starts with a prefix in
+    ``frozen``, 'train' for the rest. A prefix that matches no parameter fails
+    (a typo would freeze nothing)."""
     prefixes = [f.strip("/") for f in frozen]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [path_name(p) for p, _ in flat]
 
-    def label(path: Sequence[Any], _: Any) -> str:
-        name = path_name(path)
-        for pre in prefixes:
-            if name == pre or name.startswith(pre + "/"):
-                return "frozen"
-        return "train"
+    def under(name: str, pre: str) -> bool:
+        return name == pre or name.startswith(pre + "/")
 
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def check_frozen_prefixes(params: Any, frozen: Sequence[str]) -> None:
-    """Fails on a prefix that matches no parameter (a typo would freeze nothing)."""
-    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for pre in frozen:
-        pre = pre.strip("/")
-        if not any(n == pre or n.startswith(pre + "/") for n in names):
+    for pre in prefixes:
+        if not any(under(n, pre) for n in names):
             top = sorted({n.split("/")[0] for n in names})
             raise ValueError(f"frozen prefix {pre!r} matches no parameter; top-level names: {top}")
+    return treedef.unflatten(["frozen" if any(under(n, pre) for pre in prefixes) else "train" for n in names])
 
 
 def make_optimizer(
