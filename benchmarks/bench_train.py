@@ -313,7 +313,7 @@ def paper_models(layers: int | None, dtype):
 def run_aot_child(args) -> None:
     from flax import linen as nn
 
-    from rag_jax.hf.rag import RagSettings
+    from rag_jax.rag.settings import RagSettings
     from rag_jax.models.bart import Bart
     from rag_jax.models.bert import DprEncoder
     from rag_jax.parallel import rules as R

@@ -11,9 +11,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from rag_jax.rag.inputs import RetrievedContexts
 
 INFERENCE_FILE = "rag_jax_inference.json"
 
@@ -44,10 +47,14 @@ def index_fingerprint(index_dir: str | os.PathLike) -> str | None:
 
 
 class RagPipeline:
-    """Question strings in, answers with retrieved passages and doc probabilities out."""
+    """Question strings in, answers with retrieved passages and doc probabilities out.
 
-    def __init__(self, rag: Any, retriever: Any, n_docs: int = 5, variant: str | None = None,
-                 max_question_length: int = 64, max_combined_length: int = 300) -> None:
+    ``n_docs`` and ``max_combined_length`` default to the model's RAG config
+    (``n_docs``, ``max_combined_length``), as HF's retriever; ``load`` prefers
+    the values an export recorded in ``rag_jax_inference.json``."""
+
+    def __init__(self, rag: Any, retriever: Any, n_docs: int | None = None, variant: str | None = None,
+                 max_question_length: int = 64, max_combined_length: int | None = None) -> None:
         if rag.question_tokenizer is None or rag.generator_tokenizer is None:
             raise ValueError("the model directory lacks question_encoder_tokenizer/ or generator_tokenizer/")
         if retriever.index.dim != rag.config.question_encoder.output_dim:
@@ -57,10 +64,10 @@ class RagPipeline:
             )
         self.rag = rag
         self.retriever = retriever
-        self.n_docs = n_docs
+        self.n_docs = n_docs or rag.config.rag.n_docs
         self.variant = variant or rag.config.rag.variant
         self.max_question_length = max_question_length
-        self.max_combined_length = max_combined_length
+        self.max_combined_length = max_combined_length or rag.config.rag.max_combined_length
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, index_dir: str | os.PathLike | None = None, **kw: Any) -> "RagPipeline":
@@ -103,39 +110,32 @@ class RagPipeline:
         model was trained with (checked when the export recorded it)."""
         self.retriever.swap(index_dir, encoder_fingerprint=self.index_encoder_fingerprint)
 
-    def retrieve(self, questions: Sequence[str], n_docs: int | None = None) -> dict[str, Any]:
-        from rag_jax.rag.inputs import build_context_strings
+    def retrieve(self, questions: Sequence[str], n_docs: int | None = None) -> RetrievedContexts:
+        """The model's generator inputs for ``questions``, formatted by its RAG config."""
+        from rag_jax.rag.inputs import retrieve_contexts
 
-        for i, q in enumerate(questions):
-            if not str(q).strip():
-                raise ValueError(f"question {i} is empty")
-        k = n_docs or self.n_docs
-        qt = self.rag.question_tokenizer(list(questions), max_length=self.max_question_length)
-        q = np.asarray(self.rag.question_embedding(qt["input_ids"], qt["attention_mask"], qt["token_type_ids"]))
-        got = self.retriever.retrieve(q, k)
-        strings = build_context_strings(got.titles, got.texts, list(questions))
-        ctx = self.rag.generator_tokenizer([s for row in strings for s in row], max_length=self.max_combined_length)
-        b = len(questions)
-        return {
-            "context_input_ids": ctx["input_ids"].reshape(b, k, -1),
-            "context_attention_mask": ctx["attention_mask"].reshape(b, k, -1),
-            "doc_scores": got.scores, "ids": got.ids, "titles": got.titles, "texts": got.texts,
-        }
+        return retrieve_contexts(
+            questions, question_config=self.rag.config.question_encoder,
+            question_params=self.rag.params["question_encoder"], question_tokenizer=self.rag.question_tokenizer,
+            retriever=self.retriever, n_docs=n_docs or self.n_docs, max_question_length=self.max_question_length,
+            generator_tokenizer=self.rag.generator_tokenizer, max_combined_length=self.max_combined_length,
+            settings=self.rag.config.rag,
+        )
 
     def answer(self, questions: Sequence[str], num_beams: int = 1, max_length: int = 25,
                decoding: str = "thorough", n_docs: int | None = None, variant: str | None = None) -> list[Answer]:
         r = self.retrieve(questions, n_docs)
-        out = self.rag.generate(r["context_input_ids"], r["context_attention_mask"], r["doc_scores"],
+        out = self.rag.generate(r.context_input_ids, r.context_attention_mask, r.doc_scores,
                                 variant=variant or self.variant, num_beams=num_beams, max_length=max_length,
                                 decoding=decoding)
         texts = self.rag.generator_tokenizer.decode(np.asarray(out))
-        scores = np.asarray(r["doc_scores"], np.float64)
+        scores = np.asarray(r.doc_scores, np.float64)
         probs = np.exp(scores - scores.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         answers = []
         for i, q in enumerate(questions):
             passages = [
-                {"id": str(r["ids"][i][j]), "title": r["titles"][i][j], "text": r["texts"][i][j],
+                {"id": str(r.ids[i][j]), "title": r.titles[i][j], "text": r.texts[i][j],
                  "score": float(scores[i, j]), "prob": float(probs[i, j])}
                 for j in range(scores.shape[1])
             ]

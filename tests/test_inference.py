@@ -13,7 +13,7 @@ import torch
 import rag_jax
 from rag_jax.cli import main as cli
 from rag_jax.infer import INFERENCE_FILE, RagPipeline, export_from_workdir
-from rag_jax.rag.model import RagModel
+from rag_jax.rag.model import RagModel, question_embedder
 from rag_jax.retrieval.corpus import read_passages
 from rag_jax.retrieval.index import IndexMismatchError
 from rag_jax.train.loop import train_and_evaluate
@@ -93,11 +93,11 @@ def test_export_load_generate_equals_in_memory(setup, variant):
     # Retrieval through the exported question encoder == the training task's.
     r = pipe.retrieve(questions)
     r_mem = out["task"].retrieve(out["params"]["question_encoder"], questions, n_docs=pipe.n_docs)
-    assert r["texts"] == r_mem["texts"]
-    np.testing.assert_array_equal(r["context_input_ids"], r_mem["context_input_ids"])
-    np.testing.assert_allclose(r["doc_scores"], r_mem["doc_scores"], rtol=1e-5, atol=1e-5)
+    assert r.texts == r_mem.texts
+    np.testing.assert_array_equal(r.context_input_ids, r_mem.context_input_ids)
+    np.testing.assert_allclose(r.doc_scores, r_mem.doc_scores, rtol=1e-5, atol=1e-5)
 
-    ctx = (r["context_input_ids"], r["context_attention_mask"], r["doc_scores"])
+    ctx = (r.context_input_ids, r.context_attention_mask, r.doc_scores)
     want = mem.generate(*ctx, variant=variant, max_length=8)
     for model in (pipe.rag, rag_jax.load_rag(setup["export"])):
         np.testing.assert_array_equal(np.asarray(model.generate(*ctx, variant=variant, max_length=8)), want)
@@ -125,7 +125,9 @@ def test_export_loads_in_transformers(setup):
     # Whole-tower check: HF's question encoder gives our question embeddings.
     loaded = rag_jax.load_rag(setup["export"])
     tok = loaded.question_tokenizer(setup["questions"], max_length=16)
-    ours = np.asarray(loaded.question_embedding(tok["input_ids"], tok["attention_mask"], tok["token_type_ids"]))
+    embed = question_embedder(loaded.config.question_encoder)
+    ours = np.asarray(embed(loaded.params["question_encoder"], tok["input_ids"], tok["attention_mask"],
+                            tok["token_type_ids"]))
     with torch.no_grad():
         theirs = hf.rag.question_encoder(
             torch.as_tensor(np.asarray(tok["input_ids"]), dtype=torch.long),
@@ -209,6 +211,6 @@ def test_hot_swap_changes_passages_not_params(setup):
     original = {p.text for p in read_passages(paths["world"] / "passages.tsv")}
     changed_texts = {p.text for p in read_passages(paths["world"] / "passages_revised.tsv")} - original
     assert changed_texts, "the revised edition must change some passages"
-    assert old["texts"] != new["texts"]
-    assert any(t in changed_texts for row in new["texts"] for t in row), "swapped index must serve revised passages"
-    assert not any(t in changed_texts for row in old["texts"] for t in row)
+    assert old.texts != new.texts
+    assert any(t in changed_texts for row in new.texts for t in row), "swapped index must serve revised passages"
+    assert not any(t in changed_texts for row in old.texts for t in row)

@@ -172,6 +172,44 @@ def test_rejects_unknown_config(models, tmp_path):
         rag_jax.load_rag(bad)
 
 
+@pytest.mark.parametrize("key, value", [("reduce_loss", True), ("do_deduplication", False)])
+def test_rejects_unimplemented_rag_settings(models, tmp_path, key, value):
+    import json
+    import shutil
+
+    _, _, d = models["sequence"]
+    shutil.copytree(d, tmp_path / "bad")
+    cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=key):
+        rag_jax.load_rag(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("variant", ["sequence", "token"])
+def test_nll_defaults_are_the_configs_as_hf_forward(models, tmp_path, variant):
+    """``label_smoothing`` and ``exclude_bos_score`` of an HF config are the
+    defaults of ``nll``, as of HF ``forward``'s loss (RAG-Token ignores the latter)."""
+    cls = RagSequenceForGeneration if variant == "sequence" else RagTokenForGeneration
+    hf, _, _ = models[variant]
+    hf.config.label_smoothing, hf.config.exclude_bos_score = 0.1, True
+    try:
+        hf.save_pretrained(tmp_path)
+    finally:
+        hf.config.label_smoothing, hf.config.exclude_bos_score = 0.0, False
+    theirs = cls.from_pretrained(tmp_path).eval()
+    ours = rag_jax.load_rag(tmp_path)
+    assert (ours.config.rag.label_smoothing, ours.config.rag.exclude_bos_score) == (0.1, True)
+    ids, mask, scores, labels = _inputs()
+    with torch.no_grad():
+        want = theirs(context_input_ids=torch.tensor(ids), context_attention_mask=torch.tensor(mask),
+                      doc_scores=torch.tensor(scores), labels=torch.tensor(labels), n_docs=K).loss.numpy()
+    got = ours.nll(ids.reshape(B, K, L), mask.reshape(B, K, L), scores, labels)
+    assert _rel(got, want) < 1e-5, (got, want)
+    plain = ours.nll(ids.reshape(B, K, L), mask.reshape(B, K, L), scores, labels, epsilon=0.0, exclude_bos_score=False)
+    assert not np.allclose(np.asarray(plain), np.asarray(got))
+
+
 # --- properties ------------------------------------------------------------
 
 

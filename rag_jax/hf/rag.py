@@ -15,6 +15,7 @@ from rag_jax.hf import bart as hf_bart, bert as hf_bert, io as hf_io
 from rag_jax.hf.io import CheckpointError
 from rag_jax.models.bart import BartConfig
 from rag_jax.models.bert import BertConfig
+from rag_jax.rag.settings import RagSettings
 
 QE_PREFIX = "rag.question_encoder.question_encoder.bert_model."
 QE_PROJ_PREFIX = "rag.question_encoder.question_encoder.encode_proj."
@@ -25,29 +26,10 @@ VARIANT_OF_ARCH = {"RagSequenceForGeneration": "sequence", "RagTokenForGeneratio
 ARCH_OF_VARIANT = {v: k for k, v in VARIANT_OF_ARCH.items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class RagSettings:
-    """RAG attributes of an HF config that change inputs, losses or decoding."""
-
-    n_docs: int = 5
-    max_combined_length: int = 300
-    title_sep: str = " / "
-    doc_sep: str = " // "
-    exclude_bos_score: bool = False
-    label_smoothing: float = 0.0
-    reduce_loss: bool = False
-    do_marginalize: bool = False
-    do_deduplication: bool = True
-    prefix: str | None = None
-    # Special ids at the RAG level; None defers to the generator's (as HF does).
-    bos_token_id: int | None = None
-    pad_token_id: int | None = None
-    eos_token_id: int | None = None
-    decoder_start_token_id: int | None = None
-    variant: str = "sequence"  # from ``architectures``; the default for nll/generate
-
-
-_HANDLED = tuple(f.name for f in dataclasses.fields(RagSettings) if f.name != "variant") + (
+# RagSettings fields stored at the RAG level. Not ``variant`` (the
+# architecture) nor ``prefix``: HF's retriever takes that from the generator's config.
+_RAG_LEVEL = tuple(f.name for f in dataclasses.fields(RagSettings) if f.name not in ("variant", "prefix"))
+_HANDLED = _RAG_LEVEL + (
     "question_encoder", "generator", "architectures", "model_type", "vocab_size", "is_encoder_decoder",
 )
 # Attributes about retrieval back-ends, output formatting or bookkeeping:
@@ -62,9 +44,22 @@ _INERT = (
     "_attn_implementation_autoset", "_attn_implementation", "forced_eos_token_id", "forced_bos_token_id",
     "max_length", "min_length", "num_beams", "early_stopping", "length_penalty", "num_return_sequences",
     "sep_token_id", "tf_legacy_loss", "return_dict_in_generate", "output_scores",
+    # transformers never reads the RAG-level prefix (its retriever uses the generator's).
+    "prefix",
+    # Only changes the logits HF's RAG-Token forward returns; rag_jax returns none.
+    "do_marginalize",
 )
-# Generation settings stored in old configs that would change decoding if set.
-_REQUIRED = {"no_repeat_ngram_size": [0, None], "repetition_penalty": [1.0, None], "do_sample": [False, None]}
+# Attributes with a value rag_jax does not implement. The generation settings
+# stored in old configs would change decoding if set; ``reduce_loss=True``
+# makes HF sum the loss over the batch, in ``forward`` and inside RAG-Sequence
+# ``generate``'s candidate scoring (``nll`` is per example); without
+# ``do_deduplication`` HF scores duplicate RAG-Sequence hypotheses again.
+_REQUIRED = {
+    "no_repeat_ngram_size": [0, None], "repetition_penalty": [1.0, None], "do_sample": [False, None],
+    "reduce_loss": [False, None], "do_deduplication": [True, None],
+}
+
+
 def settings_from_hf(hf: Mapping[str, Any], source: str) -> RagSettings:
     if hf.get("model_type", "rag") != "rag":
         raise CheckpointError(f"{source}: model_type={hf.get('model_type')!r}, expected 'rag'")
@@ -74,16 +69,19 @@ def settings_from_hf(hf: Mapping[str, Any], source: str) -> RagSettings:
     if not hf.get("is_encoder_decoder", True):
         raise CheckpointError(f"{source}: is_encoder_decoder=False is not supported")
     archs = [a for a in (hf.get("architectures") or []) if a in VARIANT_OF_ARCH]
-    kw = {f.name: hf[f.name] for f in dataclasses.fields(RagSettings) if f.name in hf and hf[f.name] is not None}
+    kw = {k: hf[k] for k in _RAG_LEVEL if k in hf and hf[k] is not None}
     # Keep explicit None ids as None (HF falls back to the generator's ids).
-    for key in ("bos_token_id", "pad_token_id", "eos_token_id", "decoder_start_token_id", "prefix"):
+    for key in ("bos_token_id", "pad_token_id", "eos_token_id", "decoder_start_token_id"):
         kw[key] = hf.get(key)
+    gen = hf.get("generator")
+    kw["prefix"] = gen.get("prefix") if isinstance(gen, Mapping) else None
     kw["variant"] = VARIANT_OF_ARCH[archs[0]] if archs else "sequence"
     return RagSettings(**kw)
 
 
 def settings_to_hf(s: RagSettings) -> dict[str, Any]:
-    out = {f.name: getattr(s, f.name) for f in dataclasses.fields(RagSettings) if f.name != "variant"}
+    """The RAG level of an HF config (the prefix belongs to the generator's: ``rag_to_hf``)."""
+    out = {k: getattr(s, k) for k in _RAG_LEVEL}
     out.update(
         model_type="rag", architectures=[ARCH_OF_VARIANT[s.variant]], is_encoder_decoder=True, vocab_size=None,
         # Retrieval defaults HF expects to find; rag_jax does its own retrieval.
@@ -135,6 +133,8 @@ def rag_to_hf(
     """(HF state dict, HF config dict) of a RAG directory."""
     state, gen_hf = hf_bart.bart_to_hf(gen_config, params["generator"], prefix=GEN_PREFIX)
     config = settings_to_hf(settings)
+    if settings.prefix is not None:
+        gen_hf["prefix"] = settings.prefix
     config["generator"] = gen_hf
     if qe_config is not None and "question_encoder" in params:
         qe_state, qe_hf = hf_bert.dpr_to_hf(qe_config, params["question_encoder"], "question")

@@ -1,20 +1,27 @@
-"""Generator inputs: each retrieved passage joined with the question, as HF
-``RagRetriever.postprocess_docs`` builds them."""
+"""Questions in, generator inputs out: the one retrieval path of training,
+evaluation, inference and ``rag-jax search`` (``retrieve_contexts``), with each
+retrieved passage joined to its question as HF ``RagRetriever.postprocess_docs``
+does (``context_string``)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
 
-TITLE_SEP = " / "
-DOC_SEP = " // "
+from rag_jax.data.tokenize import TextTokenizer
+from rag_jax.models.bert import BertConfig
+from rag_jax.rag.model import question_embedder
+from rag_jax.rag.settings import RagSettings
+
+_DEFAULT = RagSettings()
 
 
 def context_string(
     title: str, text: str, question: str, prefix: str | None = None,
-    title_sep: str = TITLE_SEP, doc_sep: str = DOC_SEP,
+    title_sep: str = _DEFAULT.title_sep, doc_sep: str = _DEFAULT.doc_sep,
 ) -> str:
-    """``prefix + title + " / " + text + " // " + question``.
+    """``prefix + title + title_sep + text + doc_sep + question``.
 
     As HF: one leading and one trailing double quote are removed from the
     title (DPR TSV titles are often quoted), and each run of two spaces is
@@ -30,8 +37,8 @@ def build_context_strings(
     texts: Sequence[Sequence[str]],
     questions: Sequence[str],
     prefix: str | None = None,
-    title_sep: str = TITLE_SEP,
-    doc_sep: str = DOC_SEP,
+    title_sep: str = _DEFAULT.title_sep,
+    doc_sep: str = _DEFAULT.doc_sep,
 ) -> list[list[str]]:
     """``[B][K]`` strings from per-question lists of titles and texts."""
     if not (len(titles) == len(texts) == len(questions)):
@@ -44,29 +51,103 @@ def build_context_strings(
     return out
 
 
-def build_generator_inputs(
-    tokenizer: Any,
-    titles: Sequence[Sequence[str]],
-    texts: Sequence[Sequence[str]],
-    questions: Sequence[str],
-    max_combined_length: int = 300,
-    prefix: str | None = None,
-    title_sep: str = TITLE_SEP,
-    doc_sep: str = DOC_SEP,
-) -> dict[str, np.ndarray]:
-    """Tokenized contexts: ``input_ids`` and ``attention_mask`` ``[B, K, L]``
-    (padded to ``max_combined_length`` and truncated, as HF ``padding="max_length"``).
+# eq=False: field-wise equality of numpy arrays has no single truth value.
+@dataclasses.dataclass(frozen=True, eq=False)
+class RetrievedContexts:
+    """One retrieval step for ``B`` questions, ``K`` documents each, best first.
 
-    ``tokenizer`` is a ``rag_jax.data.tokenize.TextTokenizer`` (or any callable
-    returning the same dict of ``[N, L]`` arrays).
+    ``context_*`` are ``[B, K, L]`` token ids and mask of the generator inputs
+    (None when no generator tokenizer was given: ``rag-jax search`` only ranks).
+    ``doc_scores`` ``[B, K]`` are ``q . d`` in float32, ``doc_embeds``
+    ``[B, K, D]`` the stored document vectors (the training step recomputes
+    the scores from them), ``rows``/``ids`` ``[B, K]`` corpus rows and passage
+    ids. Closed book: one "document", the question itself, with row -1, id
+    "", a zero vector and score 0. ``question_*`` ``[B, Lq]`` are the question
+    tokens the embedding was computed from.
     """
-    strings = build_context_strings(titles, texts, questions, prefix, title_sep, doc_sep)
-    k = {len(row) for row in strings}
-    if len(k) > 1:
-        raise ValueError(f"every question needs the same number of documents, got {sorted(k)}")
-    b, k = len(strings), (k.pop() if k else 0)
-    enc = tokenizer([s for row in strings for s in row], max_length=max_combined_length)
-    return {
-        "input_ids": np.asarray(enc["input_ids"]).reshape(b, k, -1),
-        "attention_mask": np.asarray(enc["attention_mask"]).reshape(b, k, -1),
+
+    question_input_ids: np.ndarray
+    question_attention_mask: np.ndarray
+    question_token_type_ids: np.ndarray
+    context_input_ids: np.ndarray | None
+    context_attention_mask: np.ndarray | None
+    doc_scores: np.ndarray
+    doc_embeds: np.ndarray
+    rows: np.ndarray
+    ids: np.ndarray
+    titles: list[list[str]]
+    texts: list[list[str]]
+
+
+def retrieve_contexts(
+    questions: Sequence[str],
+    *,
+    question_config: BertConfig,
+    question_params: Any,
+    question_tokenizer: TextTokenizer,
+    retriever: Any,
+    n_docs: int,
+    max_question_length: int,
+    generator_tokenizer: TextTokenizer | None = None,
+    max_combined_length: int = _DEFAULT.max_combined_length,
+    settings: RagSettings = _DEFAULT,
+) -> RetrievedContexts:
+    """Tokenizes the questions, embeds them with the jitted question encoder
+    (``question_params``), retrieves ``n_docs`` passages each from
+    ``retriever`` (a ``rag_jax.retrieval.retriever.Retriever``; None: closed
+    book) and tokenizes the contexts, padded and truncated to
+    ``max_combined_length`` (HF ``padding="max_length"``).
+
+    ``settings.title_sep``, ``settings.doc_sep`` and ``settings.prefix`` format
+    the context strings; its ``n_docs`` and ``max_combined_length`` are not
+    read (callers decide which defaults apply).
+    """
+    questions = [str(q) for q in questions]
+    for i, q in enumerate(questions):
+        if not q.strip():
+            raise ValueError(f"question {i} is empty")
+    b = len(questions)
+    q = question_tokenizer(questions, max_length=max_question_length)
+    tokens = {
+        "question_input_ids": q["input_ids"],
+        "question_attention_mask": q["attention_mask"],
+        "question_token_type_ids": q["token_type_ids"],
     }
+    if retriever is None:
+        if generator_tokenizer is None:
+            raise ValueError("closed book needs the generator tokenizer: the question is the only document")
+        ctx = generator_tokenizer(questions, max_length=max_combined_length)
+        return RetrievedContexts(
+            **tokens,
+            context_input_ids=ctx["input_ids"][:, None],
+            context_attention_mask=ctx["attention_mask"][:, None],
+            doc_scores=np.zeros((b, 1), np.float32),
+            doc_embeds=np.zeros((b, 1, question_config.output_dim), np.float32),
+            rows=np.full((b, 1), -1, np.int64),
+            ids=np.full((b, 1), "", object),
+            titles=[[""] for _ in range(b)],
+            texts=[[""] for _ in range(b)],
+        )
+    vectors = np.asarray(question_embedder(question_config)(
+        question_params, q["input_ids"], q["attention_mask"], q["token_type_ids"]
+    ))
+    got = retriever.retrieve(vectors, n_docs)
+    ctx_ids = ctx_mask = None
+    if generator_tokenizer is not None:
+        strings = build_context_strings(
+            got.titles, got.texts, questions, settings.prefix, settings.title_sep, settings.doc_sep
+        )
+        ctx = generator_tokenizer([s for row in strings for s in row], max_length=max_combined_length)
+        ctx_ids = ctx["input_ids"].reshape(b, n_docs, -1)
+        ctx_mask = ctx["attention_mask"].reshape(b, n_docs, -1)
+    return RetrievedContexts(
+        **tokens,
+        context_input_ids=ctx_ids,
+        context_attention_mask=ctx_mask,
+        doc_scores=np.asarray(got.scores, np.float32),
+        doc_embeds=np.asarray(got.doc_embeds, np.float32),
+        rows=np.asarray(got.rows),
+        ids=np.asarray(got.ids),
+        titles=got.titles,
+        texts=got.texts,
+    )

@@ -7,21 +7,22 @@ with shardings: ``doc_logits``, ``nll``, ``rag_loss``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rag_jax.hf import io as hf_io, rag as hf_rag
-from rag_jax.hf.rag import RagSettings
 from rag_jax.data.tokenize import TextTokenizer, maybe_load_tokenizer, stage_tokenizer_files
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.rag import marginals
+from rag_jax.rag.settings import RagSettings
 
 VARIANTS = ("sequence", "token")
 
@@ -124,6 +125,14 @@ def question_embedding(
     )
 
 
+@functools.lru_cache(maxsize=None)
+def question_embedder(qe_config: BertConfig) -> Callable[..., jax.Array]:
+    """Jitted ``(params, input_ids, attention_mask, token_type_ids) -> [B, D]``
+    (no dropout), one per question-encoder config: every caller (training,
+    evaluation, inference, search) shares its compiled shapes."""
+    return jax.jit(functools.partial(question_embedding, qe_config))
+
+
 def rag_loss(
     params: Any,
     batch: dict[str, jax.Array],
@@ -185,7 +194,6 @@ class RagModel:
             lambda p, ids, m, s, y, variant, eps, excl: nll(config, p, ids, m, s, y, variant, eps, excl),
             static_argnums=(5, 7),  # epsilon stays traced: one compile for every value
         )
-        self._decoders: dict[Any, Any] = {}
 
     @classmethod
     def from_parts(
@@ -206,9 +214,15 @@ class RagModel:
 
     def nll(
         self, context_input_ids: Any, context_attention_mask: Any, doc_scores: Any, labels: Any,
-        variant: str | None = None, epsilon: float = 0.0, exclude_bos_score: bool = False,
+        variant: str | None = None, epsilon: float | None = None, exclude_bos_score: bool | None = None,
     ) -> jax.Array:
-        """``[B]`` per-example NLL; contexts ``[B, K, L]``, scores ``[B, K]``, labels ``[B, T]``."""
+        """``[B]`` per-example NLL; contexts ``[B, K, L]``, scores ``[B, K]``, labels ``[B, T]``.
+
+        ``epsilon`` and ``exclude_bos_score`` default to the config's
+        ``label_smoothing`` and ``exclude_bos_score``, as HF ``forward``'s loss."""
+        rag = self.config.rag
+        epsilon = rag.label_smoothing if epsilon is None else epsilon
+        exclude_bos_score = rag.exclude_bos_score if exclude_bos_score is None else exclude_bos_score
         ids, mask, scores = _check_context(context_input_ids, context_attention_mask, doc_scores)
         labels = np.asarray(labels)
         if labels.ndim != 2 or labels.shape[0] != ids.shape[0]:
@@ -216,13 +230,6 @@ class RagModel:
         return self._nll(
             self.params, ids, mask, scores, jnp.asarray(labels, jnp.int32),
             variant or self.config.rag.variant, jnp.float32(epsilon), bool(exclude_bos_score),
-        )
-
-    def question_embedding(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> jax.Array:
-        if self.config.question_encoder is None:
-            raise ValueError("this RagModel has no question encoder")
-        return question_embedding(
-            self.config.question_encoder, self.params["question_encoder"], input_ids, attention_mask, token_type_ids
         )
 
     # -- decoding ----------------------------------------------------------

@@ -61,15 +61,15 @@ def evaluate(
         qs_padded = qs + [qs[-1]] * (batch_size - n)
         r = task.retrieve(params.get("question_encoder"), qs_padded, n_docs=k)
         out = rag_model.generate(
-            r["context_input_ids"], r["context_attention_mask"], r["doc_scores"],
+            r.context_input_ids, r.context_attention_mask, r.doc_scores,
             variant=task.variant, num_beams=num_beams, max_length=max_length, decoding=decoding,
         )
         preds += task.generator_tokenizer.decode(np.asarray(out)[:n])
         if not task.closed_book:
-            hits_all.append(answer_hits(r["texts"][:n], answers[start : start + n]))
+            hits_all.append(answer_hits(r.texts[:n], answers[start : start + n]))
             if positive_ids is not None:
-                gold_all.append(gold_hits(r["doc_ids"][:n], positive_ids[start : start + n]))
-            stats.append(collapse_stats(r["doc_rows"][:n], r["doc_scores"][:n]))
+                gold_all.append(gold_hits(r.ids[:n], positive_ids[start : start + n]))
+            stats.append(collapse_stats(r.rows[:n], r.doc_scores[:n]))
         bar.update(n)
     bar.close()
     metrics: dict[str, Any] = dict(qa_metrics(preds, [list(a) for a in answers]))

@@ -17,7 +17,7 @@ from flax import linen as nn
 from rag_jax.data import qa_formats
 from rag_jax.data.pipeline import dataset_from_config, train_loader_from_config
 from rag_jax.data.tokenize import TextTokenizer, load_tokenizer
-from rag_jax.hf.rag import RagSettings
+from rag_jax.rag.settings import RagSettings
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.models.layers import DTYPES

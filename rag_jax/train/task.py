@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rag_jax.data.tokenize import TextTokenizer
-from rag_jax.rag.inputs import build_context_strings
-from rag_jax.rag.model import VARIANTS, RagConfig, nll, question_embedding, rag_loss
+from rag_jax.rag.inputs import RetrievedContexts, retrieve_contexts
+from rag_jax.rag.model import VARIANTS, RagConfig, nll, rag_loss
 
 
 @dataclasses.dataclass
@@ -43,8 +43,6 @@ class RagTask:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if not self.closed_book and self.retriever is None:
             raise ValueError("a retriever (index) is required unless closed_book=True")
-        qc = self.config.question_encoder
-        self._encode = jax.jit(lambda p, i, m, t: question_embedding(qc, p, i, m, t))
 
     # ------------------------------------------------------------------ host
 
@@ -52,57 +50,28 @@ class RagTask:
         """``<s> answer </s>`` padded: fed as decoder inputs, shifted inside the loss (HF finetune_rag)."""
         return self.generator_tokenizer(list(answers), max_length=self.max_target_length)["input_ids"]
 
-    def retrieve(self, question_params: Any, questions: Sequence[str], n_docs: int | None = None) -> dict[str, Any]:
-        """Question tokens and the retrieved documents (contexts, stored vectors, texts)."""
-        for i, q in enumerate(questions):
-            if not str(q).strip():
-                raise ValueError(f"question {i} of the batch is empty")
-        k = n_docs or self.n_docs
-        b = len(questions)
-        q = self.question_tokenizer(list(questions), max_length=self.max_question_length)
-        out: dict[str, Any] = {
-            "question_input_ids": q["input_ids"],
-            "question_attention_mask": q["attention_mask"],
-            "question_token_type_ids": q["token_type_ids"],
-        }
-        if self.closed_book:
-            ctx = self.generator_tokenizer(list(questions), max_length=self.max_combined_length)
-            out.update(
-                context_input_ids=ctx["input_ids"][:, None],
-                context_attention_mask=ctx["attention_mask"][:, None],
-                doc_embeds=np.zeros((b, 1, self.config.question_encoder.output_dim), np.float32),
-                doc_scores=np.zeros((b, 1), np.float32),
-                doc_rows=np.full((b, 1), -1, np.int64),
-                titles=[[""] for _ in range(b)],
-                texts=[[""] for _ in range(b)],
-            )
-            return out
-        vectors = np.asarray(
-            self._encode(question_params, q["input_ids"], q["attention_mask"], q["token_type_ids"])
+    def retrieve(self, question_params: Any, questions: Sequence[str], n_docs: int | None = None) -> RetrievedContexts:
+        """Question tokens and the documents retrieved with the current question-encoder params."""
+        return retrieve_contexts(
+            questions, question_config=self.config.question_encoder, question_params=question_params,
+            question_tokenizer=self.question_tokenizer, retriever=None if self.closed_book else self.retriever,
+            n_docs=n_docs or self.n_docs, max_question_length=self.max_question_length,
+            generator_tokenizer=self.generator_tokenizer, max_combined_length=self.max_combined_length,
+            settings=self.config.rag,
         )
-        got = self.retriever.retrieve(vectors, k)
-        strings = build_context_strings(got.titles, got.texts, list(questions))
-        ctx = self.generator_tokenizer([s for row in strings for s in row], max_length=self.max_combined_length)
-        out.update(
-            context_input_ids=ctx["input_ids"].reshape(b, k, -1),
-            context_attention_mask=ctx["attention_mask"].reshape(b, k, -1),
-            doc_embeds=np.asarray(got.doc_embeds, np.float32),
-            doc_scores=np.asarray(got.scores, np.float32),
-            doc_rows=np.asarray(got.rows),
-            doc_ids=got.ids,
-            titles=got.titles,
-            texts=got.texts,
-        )
-        return out
 
     def train_batch(self, question_params: Any, questions: Sequence[str], answers: Sequence[str]) -> dict[str, np.ndarray]:
         """Everything the jitted step reads, as fixed-shape numpy arrays."""
         r = self.retrieve(question_params, questions)
-        keys = ("question_input_ids", "question_attention_mask", "question_token_type_ids",
-                "context_input_ids", "context_attention_mask", "doc_embeds")
-        batch = {k: r[k] for k in keys}
-        batch["labels"] = self.tokenize_targets(answers)
-        return batch
+        return {
+            "question_input_ids": r.question_input_ids,
+            "question_attention_mask": r.question_attention_mask,
+            "question_token_type_ids": r.question_token_type_ids,
+            "context_input_ids": r.context_input_ids,
+            "context_attention_mask": r.context_attention_mask,
+            "doc_embeds": r.doc_embeds,
+            "labels": self.tokenize_targets(answers),
+        }
 
     # ------------------------------------------------------------------ pure
 
