@@ -16,7 +16,7 @@ from rag_jax.hf import bart as hf_bart
 from rag_jax.hf.io import CheckpointError
 from rag_jax.data.train_tokenizer import train_bart_tokenizer
 from rag_jax.generator import load_generator
-from rag_jax.models.bart import Bart, decode_step, decode_tokens, init_cache, reorder_cache
+from rag_jax.models.bart import Bart, decode_step, decode_tokens, init_cache
 from rag_jax.parallel import rules as R
 from rag_jax.parallel.mesh import make_mesh
 from transformers import BartConfig as HFBartConfig
@@ -162,6 +162,12 @@ def test_decode_step_inside_while_loop(gens):
         want[:, t + 1] = np.argmax(np.asarray(gen.logits(ids, mask, want))[:, t] + noise[t], -1)
     np.testing.assert_array_equal(got, want)
     assert len(set(want[:, 1:].ravel().tolist())) > 3  # not a degenerate constant output
+
+
+def reorder_cache(cache, index):
+    # Every cache leaf has the rows first except the scalar cache_index, which
+    # all rows share: gathering rows moves whole hypotheses (beam reordering).
+    return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, index, axis=0), cache)
 
 
 def test_reorder_cache_follows_beams(gens):

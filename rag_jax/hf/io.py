@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -214,26 +215,14 @@ def _to_hf(value: np.ndarray, rule: Rule) -> np.ndarray:
     return value
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        key = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, key))
-        else:
-            out[key] = v
-    return out
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested params -> ``{"a/b/kernel": leaf}``, the paths ``Rule.flax`` names."""
+    return traverse_util.flatten_dict(params, sep="/")
 
 
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = out
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
+    """Inverse of :func:`flatten_params`."""
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def import_params(

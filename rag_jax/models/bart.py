@@ -303,16 +303,6 @@ def decode_step(
     return logits[:, -1], cache
 
 
-def reorder_cache(cache: Any, index: jax.Array) -> Any:
-    """Gathers cache rows along the batch axis: beam reordering, or expanding
-    ``[B]`` rows to ``[B * beams]`` with ``index = jnp.repeat(jnp.arange(B), beams)``.
-
-    Every leaf has the batch first except the scalar ``cache_index``s, which
-    all rows share (every row is at the same step), so they stay as they are.
-    """
-    return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.take(x, index, axis=0), cache)
-
-
 def init_params(config: BartConfig, rng: jax.Array, boxed: bool = False) -> Any:
     ids = jnp.ones((1, 4), jnp.int32)
     variables = Bart(config).init(rng, ids, jnp.ones_like(ids), ids)
