@@ -65,27 +65,16 @@ def make_schedule(
     return optax.join_schedules([warmup, decay, optax.constant_schedule(end_lr)], [warmup_steps, end])
 
 
-def _names(path: Sequence[Any]) -> list[str]:
-    out = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                out.append(str(getattr(p, attr)))
-                break
-        else:
-            out.append(str(p))
-    return out
-
-
 def path_name(path: Sequence[Any]) -> str:
-    return "/".join(_names(path))
+    """``a/b/c`` for a key path (dict keys, attribute names, list indices)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def is_no_decay(path: Sequence[Any]) -> bool:
     """HF's no_decay rule on our names: any bias, and the scale of a norm layer."""
-    names = _names(path)
-    if not names:
+    if not path:
         return False
+    names = path_name(path).split("/")
     leaf = names[-1]
     if "bias" in leaf.lower():
         return True
