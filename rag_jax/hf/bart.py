@@ -2,11 +2,13 @@
 HF RAG checkpoints, whose keys carry a ``rag.generator.`` prefix)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 from rag_jax.hf import io as hf_io
 from rag_jax.hf.io import CheckpointError, Rule
@@ -69,7 +71,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json", **overrid
     hf_io.check_config_keys(hf, _HANDLED, _INERT, source)
     for key, allowed in _REQUIRED.items():
         hf_io.require_value(hf, key, allowed, source)
-    kwargs = {f: hf[f] for f in dataclasses_fields(BartConfig) if f in hf and f not in _OURS}
+    kwargs = {f.name: hf[f.name] for f in dataclasses.fields(BartConfig) if f.name in hf and f.name not in _OURS}
     kwargs.update(overrides)
     try:
         return BartConfig(**kwargs)
@@ -80,16 +82,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json", **overrid
 bart_config_from_hf = config_from_hf
 
 
-def dataclasses_fields(cls: type) -> list[str]:
-    return list(cls.__dataclass_fields__)
-
-
 def config_to_hf(config: BartConfig) -> dict[str, Any]:
-    out = {
-        name: getattr(config, name)
-        for name in dataclasses_fields(BartConfig)
-        if name not in _OURS
-    }
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(BartConfig) if f.name not in _OURS}
     out.update(
         model_type="bart",
         architectures=["BartForConditionalGeneration"],
@@ -139,8 +133,6 @@ def bart_rules(prefix: str = "") -> list[Rule]:
 
 
 def param_shapes(config: BartConfig) -> dict[str, tuple[int, ...]]:
-    from flax import linen as nn
-
     ids = jax.numpy.ones((1, 4), np.int32)
     abstract = jax.eval_shape(lambda: Bart(config).init(jax.random.PRNGKey(0), ids, ids, ids))
     flat = hf_io.flatten_params(nn.meta.unbox(abstract["params"]))

@@ -2,11 +2,13 @@
 and plain ``BertModel`` directories (a BERT used as a DPR tower)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 from rag_jax.hf import io as hf_io
 from rag_jax.hf.io import CheckpointError, Rule
@@ -31,6 +33,8 @@ _INERT = (
     "pooler_size_per_head", "pooler_type", "_attn_implementation_autoset", "_attn_implementation",
     "layer_types", "num_labels",
 )
+# BertConfig fields that are ours (how to compute), not HF attributes.
+_OURS = ("dtype", "param_dtype", "precision")
 # Keys carrying nothing the DPR tower uses: HF buffers, the BERT pooler (DPR
 # reads [CLS] directly), and pre-training heads of BertFor* checkpoints.
 _IGNORE = (r"position_ids$", r"(^|\.)pooler\.", r"^cls\.")
@@ -50,8 +54,8 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json", **overrid
     hf_io.require_value(hf, "add_cross_attention", [False], source)
     kwargs = {
         f.name: hf[f.name]
-        for f in BertConfig.__dataclass_fields__.values()
-        if f.name in hf and f.name not in ("dtype", "param_dtype", "precision")
+        for f in dataclasses.fields(BertConfig)
+        if f.name in hf and f.name not in _OURS
     }
     if kwargs.get("projection_dim") is None:
         kwargs["projection_dim"] = 0
@@ -138,14 +142,8 @@ def param_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     abstract = jax.eval_shape(
         lambda: DprEncoder(config).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 4), np.int32))
     )
-    flat = hf_io.flatten_params(_unbox(abstract["params"]))
+    flat = hf_io.flatten_params(nn.meta.unbox(abstract["params"]))
     return {k: tuple(v.shape) for k, v in flat.items()}
-
-
-def _unbox(tree: Any) -> Any:
-    from flax import linen as nn
-
-    return nn.meta.unbox(tree)
 
 
 def detect_kind(hf_config: Mapping[str, Any], state: Mapping[str, Any], source: str) -> tuple[str, str, str]:
