@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from rag_jax.models.bart import Bart, BartConfig, decode_step, init_cache
 from rag_jax.rag import marginals
@@ -97,31 +98,102 @@ def _rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 def greedy_search(step_fn: StepFn, cache: Any, n: int, o: DecodeOptions) -> dict[str, jax.Array]:
     """-> ``sequences [n, max_length]`` (pad after eos) and, per row, the summed
-    unprocessed log-probs of the generated tokens (``raw``) and of the first one (``raw_first``)."""
-    t_max = o.max_length
-    seqs = jnp.full((n, t_max), o.pad_token_id, jnp.int32).at[:, 0].set(o.decoder_start_token_id)
+    unprocessed log-probs of the generated tokens (``raw_log_probs``) and of the
+    first one (``first_raw_log_probs``)."""
+    max_len = o.max_length
+    seqs = jnp.full((n, max_len), o.pad_token_id, jnp.int32).at[:, 0].set(o.decoder_start_token_id)
     init = (jnp.int32(1), seqs, jnp.ones((n,), bool), cache, jnp.zeros((n,)), jnp.zeros((n,)))
 
-    def cond(s: tuple) -> jax.Array:
-        cur_len, _, unfinished, *_ = s
-        return (cur_len < t_max) & jnp.any(unfinished)
+    def cond(carry: tuple) -> jax.Array:
+        cur_len, _, unfinished, *_ = carry
+        return (cur_len < max_len) & jnp.any(unfinished)
 
-    def body(s: tuple) -> tuple:
-        cur_len, seqs, unfinished, cache, raw, raw_first = s
+    def body(carry: tuple) -> tuple:
+        cur_len, seqs, unfinished, cache, raw_log_probs, first_raw_log_probs = carry
         tokens = jax.lax.dynamic_index_in_dim(seqs, cur_len - 1, axis=1, keepdims=False)
         logits, cache = step_fn(cache, tokens)
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nxt = jnp.argmax(_process(lp, cur_len, o), axis=-1).astype(jnp.int32)
-        nxt = jnp.where(unfinished, nxt, o.pad_token_id)
+        # unprocessed: the logits processors only steer the argmax
+        step_log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        next_tokens = jnp.argmax(_process(step_log_probs, cur_len, o), axis=-1).astype(jnp.int32)
+        next_tokens = jnp.where(unfinished, next_tokens, o.pad_token_id)
         # raw sums mirror HF re-scoring, which masks every target equal to pad
-        tok_lp = jnp.where(unfinished & (nxt != o.pad_token_id), jnp.take_along_axis(lp, nxt[:, None], -1)[:, 0], 0.0)
-        raw_first = jnp.where(cur_len == 1, tok_lp, raw_first)
-        seqs = jax.lax.dynamic_update_index_in_dim(seqs, nxt, cur_len, axis=1)
-        unfinished = unfinished & ~((nxt == o.eos_token_id) | (cur_len + 1 >= t_max))
-        return cur_len + 1, seqs, unfinished, cache, raw + tok_lp, raw_first
+        token_log_probs = jnp.where(unfinished & (next_tokens != o.pad_token_id),
+                                    jnp.take_along_axis(step_log_probs, next_tokens[:, None], -1)[:, 0], 0.0)
+        first_raw_log_probs = jnp.where(cur_len == 1, token_log_probs, first_raw_log_probs)
+        seqs = jax.lax.dynamic_update_index_in_dim(seqs, next_tokens, cur_len, axis=1)
+        unfinished = unfinished & ~((next_tokens == o.eos_token_id) | (cur_len + 1 >= max_len))
+        return cur_len + 1, seqs, unfinished, cache, raw_log_probs + token_log_probs, first_raw_log_probs
 
-    _, seqs, _, _, raw, raw_first = jax.lax.while_loop(cond, body, init)
-    return {"sequences": seqs, "raw": raw, "raw_first": raw_first}
+    _, seqs, _, _, raw_log_probs, first_raw_log_probs = jax.lax.while_loop(cond, body, init)
+    return {"sequences": seqs, "raw_log_probs": raw_log_probs, "first_raw_log_probs": first_raw_log_probs}
+
+
+class BeamState(struct.PyTreeNode):
+    """The ``lax.while_loop`` carry of :func:`beam_search`.
+
+    B examples, nb = ``num_beams`` slots each, T = ``max_length``. "Live"
+    beams are still being extended; "finished" slots hold HF's
+    ``BeamHypotheses``: the best nb ended hypotheses so far. Every live/
+    finished array is indexed ``[example, slot]``; a slot's sequence, scores
+    and lengths always move together. "Raw" log-probs are the model's
+    unprocessed ones (no min-length/forced-token masking), summed with pad
+    targets left out, as HF's re-scoring pass counts them (RAG-Sequence
+    scores its candidates from these)."""
+
+    # [] int32: tokens in every sequence so far, start token included; the
+    # next step writes position ``cur_len``.
+    cur_len: jax.Array
+    # [] bool: the search is over (HF's stopping criteria and early stopping).
+    done: jax.Array
+    # ``step_fn``'s decoder cache, opaque here: ``reorder_fn`` moves it after
+    # the live beams, given each new beam's source as ``example * nb + beam``.
+    cache: Any
+    # [B, nb, T] int32: live sequences, padded with the fill token after cur_len.
+    live_seqs: jax.Array
+    # [B, nb] f32: summed processed log-probs, the beam's ranking score; at the
+    # start only beam 0 is live (the others hold NEG so the copies never win).
+    live_log_probs: jax.Array
+    # [B, nb] int32: tokens generated so far (start token excluded).
+    live_lengths: jax.Array
+    # [B, nb] f32: summed raw log-probs of the generated tokens.
+    live_raw_log_probs: jax.Array
+    # [B, nb] f32: raw log-prob of the first generated token alone.
+    live_first_raw_log_probs: jax.Array
+    # [B, nb, T] int32: finished hypotheses (eos or max_length reached).
+    finished_seqs: jax.Array
+    # [B, nb] f32: HF's ``score / length ** length_penalty``; NEG in empty slots.
+    finished_scores: jax.Array
+    # [B, nb] bool: the slot holds a finished hypothesis.
+    finished_flags: jax.Array
+    # [B, nb] int32: generated tokens of each finished hypothesis.
+    finished_lengths: jax.Array
+    # [B, nb] f32: summed raw log-probs of each finished hypothesis.
+    finished_raw_log_probs: jax.Array
+    # [B, nb] f32: raw log-prob of each finished hypothesis's first token.
+    finished_first_raw_log_probs: jax.Array
+    # [B, 1] bool: a live beam may still beat the worst finished hypothesis
+    # (HF's ``is_early_stop_heuristic_unsatisfied``); once False, the
+    # example accepts no more hypotheses.
+    improvable: jax.Array
+
+
+def _beam_init(cache: Any, batch: int, o: DecodeOptions) -> BeamState:
+    """All beams start from the decoder start token; the rest of each row holds
+    HF's fill token (pad, or eos when pad is unset or 0)."""
+    nb, max_len = o.num_beams, o.max_length
+    fill_token = (o.pad_token_id or o.eos_token_id)
+    seqs = jnp.full((batch, nb, max_len), fill_token, jnp.int32).at[:, :, 0].set(o.decoder_start_token_id)
+    zeros = jnp.zeros((batch, nb), jnp.float32)
+    no_tokens = jnp.zeros((batch, nb), jnp.int32)
+    return BeamState(
+        cur_len=jnp.int32(1), done=jnp.bool_(False), cache=cache,
+        live_seqs=seqs, live_log_probs=zeros.at[:, 1:].set(NEG), live_lengths=no_tokens,
+        live_raw_log_probs=zeros, live_first_raw_log_probs=zeros,
+        finished_seqs=seqs, finished_scores=jnp.full((batch, nb), NEG, jnp.float32),
+        finished_flags=jnp.zeros((batch, nb), bool), finished_lengths=no_tokens,
+        finished_raw_log_probs=zeros, finished_first_raw_log_probs=zeros,
+        improvable=jnp.ones((batch, 1), bool),
+    )
 
 
 def beam_search(
@@ -132,86 +204,89 @@ def beam_search(
     (beam-major within an example). Returns the finished hypotheses sorted best
     first: ``sequences [B, nb, max_length]``, ``scores [B, nb]`` (length-
     normalised, as HF ``sequences_scores``), ``lengths [B, nb]`` (generated
-    tokens) and the unprocessed log-prob sums ``raw``/``raw_first``."""
-    nb, t_max, v = o.num_beams, o.max_length, vocab_size
-    keep = 2 * nb  # HF: max(2, 1 + number of eos ids) * num_beams, one eos id here
-    fill = (o.pad_token_id or o.eos_token_id)
-    lp_pow = o.length_penalty
-    run_seq = jnp.full((batch, nb, t_max), fill, jnp.int32).at[:, :, 0].set(o.decoder_start_token_id)
+    tokens) and the unprocessed log-prob sums ``raw_log_probs``/``first_raw_log_probs``."""
+    nb, max_len, vocab = o.num_beams, o.max_length, vocab_size
+    num_candidates = 2 * nb  # HF: max(2, 1 + number of eos ids) * num_beams, one eos id here
+    length_penalty = o.length_penalty
     f32 = jnp.float32
-    state = dict(
-        cur_len=jnp.int32(1), done=jnp.bool_(False), cache=cache,
-        run_seq=run_seq, run_score=jnp.zeros((batch, nb), f32).at[:, 1:].set(NEG),
-        run_len=jnp.zeros((batch, nb), jnp.int32), run_raw=jnp.zeros((batch, nb), f32),
-        run_raw0=jnp.zeros((batch, nb), f32),
-        seq=run_seq, score=jnp.full((batch, nb), NEG, f32), fin=jnp.zeros((batch, nb), bool),
-        length=jnp.zeros((batch, nb), jnp.int32), raw=jnp.zeros((batch, nb), f32), raw0=jnp.zeros((batch, nb), f32),
-        unsat=jnp.ones((batch, 1), bool),
-    )
-    in_top = (jnp.arange(keep) < nb)[None]
-    offsets = (jnp.arange(batch) * nb)[:, None]
+    # Only candidates ranked within the first nb may finish (HF's beam scorer).
+    in_first_nb = (jnp.arange(num_candidates) < nb)[None]
+    example_rows = (jnp.arange(batch) * nb)[:, None]  # cache row of each example's beam 0
 
-    def body(s: dict) -> dict:
-        cur_len = s["cur_len"]
-        tokens = jax.lax.dynamic_index_in_dim(s["run_seq"], cur_len - 1, axis=2, keepdims=False).reshape(-1)
-        logits, cache = step_fn(s["cache"], tokens)
-        raw_lp = jax.nn.log_softmax(logits.astype(f32), axis=-1)
-        lp = _process(raw_lp, cur_len, o)
-        acc = lp.reshape(batch, nb, v) + s["run_score"][:, :, None]
+    def body(state: BeamState) -> BeamState:
+        cur_len = state.cur_len
+        tokens = jax.lax.dynamic_index_in_dim(state.live_seqs, cur_len - 1, axis=2, keepdims=False).reshape(-1)
+        logits, cache = step_fn(state.cache, tokens)
+        raw_log_probs = jax.nn.log_softmax(logits.astype(f32), axis=-1)
+        log_probs = _process(raw_log_probs, cur_len, o)
+        extended = log_probs.reshape(batch, nb, vocab) + state.live_log_probs[:, :, None]  # [B, nb, V]
         # Top 2*nb of nb*V in two stages (per beam, then among nb*2*nb): the
         # same result and tie order (lower flat index first) as one top_k
         # over the flattened row, without sorting nb*V values per step.
-        part_lp, part_idx = jax.lax.top_k(acc, keep)  # [batch, nb, keep]
-        flat_idx = (part_idx + (jnp.arange(nb) * v)[None, :, None]).reshape(batch, nb * keep)
-        top_lp, pick = jax.lax.top_k(part_lp.reshape(batch, nb * keep), keep)
-        top_idx = jnp.take_along_axis(flat_idx, pick, axis=1)
-        beam = top_idx // v
-        tok = (top_idx % v).astype(jnp.int32)
-        top_seq = jax.lax.dynamic_update_index_in_dim(_rows(s["run_seq"], beam), tok, cur_len, axis=2)
-        tok_raw = jnp.take_along_axis(raw_lp.reshape(batch, nb * v), top_idx, axis=1)
-        tok_raw = jnp.where(tok == o.pad_token_id, 0.0, tok_raw)  # HF re-scoring masks pad targets
-        top_raw = _rows(s["run_raw"], beam) + tok_raw
-        top_raw0 = jnp.where(cur_len == 1, tok_raw, _rows(s["run_raw0"], beam))
-        top_len = _rows(s["run_len"], beam) + 1
-        hits = (tok == o.eos_token_id) | (cur_len + 1 >= t_max)
+        per_beam_log_probs, per_beam_tokens = jax.lax.top_k(extended, num_candidates)  # [B, nb, 2nb]
+        per_beam_flat = (per_beam_tokens + (jnp.arange(nb) * vocab)[None, :, None]).reshape(batch, nb * num_candidates)
+        cand_log_probs, cand_pos = jax.lax.top_k(per_beam_log_probs.reshape(batch, nb * num_candidates), num_candidates)
+        cand_flat = jnp.take_along_axis(per_beam_flat, cand_pos, axis=1)  # [B, 2nb]: beam * V + token
+        cand_beams = cand_flat // vocab
+        cand_tokens = (cand_flat % vocab).astype(jnp.int32)
+        cand_seqs = jax.lax.dynamic_update_index_in_dim(_rows(state.live_seqs, cand_beams), cand_tokens, cur_len,
+                                                        axis=2)
+        cand_token_raw = jnp.take_along_axis(raw_log_probs.reshape(batch, nb * vocab), cand_flat, axis=1)
+        # HF re-scoring masks pad targets
+        cand_token_raw = jnp.where(cand_tokens == o.pad_token_id, 0.0, cand_token_raw)
+        cand_raw = _rows(state.live_raw_log_probs, cand_beams) + cand_token_raw
+        cand_first_raw = jnp.where(cur_len == 1, cand_token_raw, _rows(state.live_first_raw_log_probs, cand_beams))
+        cand_lengths = _rows(state.live_lengths, cand_beams) + 1
+        cand_ends = (cand_tokens == o.eos_token_id) | (cur_len + 1 >= max_len)
 
-        # beams that go on
-        run_lp = top_lp + hits.astype(f32) * NEG
-        nxt = jax.lax.top_k(run_lp, nb)[1]
-        src_beam = _rows(beam, nxt)
-        out = dict(
-            run_seq=_rows(top_seq, nxt), run_score=_rows(run_lp, nxt), run_len=_rows(top_len, nxt),
-            run_raw=_rows(top_raw, nxt), run_raw0=_rows(top_raw0, nxt),
-        )
+        # Live beams: the best nb candidates that did not end.
+        live_cand_log_probs = cand_log_probs + cand_ends.astype(f32) * NEG
+        live_pos = jax.lax.top_k(live_cand_log_probs, nb)[1]
+        live_src_beams = _rows(cand_beams, live_pos)
+        live_log_probs = _rows(live_cand_log_probs, live_pos)
 
-        # finished hypotheses
-        just = hits & in_top
-        fin_lp = top_lp / (cur_len.astype(f32) ** lp_pow)
-        full = jnp.all(s["fin"], axis=-1, keepdims=True) & (o.early_stopping is True)
-        fin_lp = fin_lp + full.astype(f32) * NEG + (~s["unsat"]).astype(f32) * NEG + (~just).astype(f32) * NEG
-        m_score = jnp.concatenate([s["score"], fin_lp], 1)
-        pick = jax.lax.top_k(m_score, nb)[1]
-        merge = lambda a, b: _rows(jnp.concatenate([a, b], 1), pick)  # noqa: E731
-        out.update(
-            seq=merge(s["seq"], top_seq), score=_rows(m_score, pick), fin=merge(s["fin"], just),
-            length=merge(s["length"], top_len), raw=merge(s["raw"], top_raw), raw0=merge(s["raw0"], top_raw0),
-        )
-        out["cache"] = reorder_fn(cache, (src_beam + offsets).reshape(-1))
+        # Finished hypotheses: the best nb of the old ones and those ending now.
+        newly_finished = cand_ends & in_first_nb
+        new_scores = cand_log_probs / (cur_len.astype(f32) ** length_penalty)
+        all_slots_finished = jnp.all(state.finished_flags, axis=-1, keepdims=True) & (o.early_stopping is True)
+        new_scores = (new_scores + all_slots_finished.astype(f32) * NEG + (~state.improvable).astype(f32) * NEG
+                      + (~newly_finished).astype(f32) * NEG)
+        merged_scores = jnp.concatenate([state.finished_scores, new_scores], 1)
+        kept_pos = jax.lax.top_k(merged_scores, nb)[1]
 
-        cur_len = cur_len + 1
-        if o.early_stopping == "never" and lp_pow > 0.0:
-            best_len = jnp.float32(t_max - 1)
+        def keep_finished(old: jax.Array, new: jax.Array) -> jax.Array:
+            return _rows(jnp.concatenate([old, new], 1), kept_pos)
+
+        finished_scores = _rows(merged_scores, kept_pos)
+        finished_flags = keep_finished(state.finished_flags, newly_finished)
+
+        # HF's early-stopping heuristic: can the best live beam still beat the
+        # worst finished hypothesis (at the best length it could reach)?
+        if o.early_stopping == "never" and length_penalty > 0.0:
+            best_length = jnp.float32(max_len - 1)
         else:
-            best_len = (cur_len - 1).astype(f32)
-        best = out["run_score"][:, :1] / best_len ** lp_pow
-        worst = jnp.where(out["fin"], jnp.min(out["score"], axis=1, keepdims=True), NEG)
-        unsat = s["unsat"] & jnp.any(best > worst, axis=-1, keepdims=True)
-        go_on = jnp.any(unsat) & ~(jnp.all(out["fin"]) & (o.early_stopping is True)) & ~jnp.all(hits)
-        out.update(cur_len=cur_len, unsat=unsat, done=~go_on)
-        return out
+            best_length = cur_len.astype(f32)
+        best_live_score = live_log_probs[:, :1] / best_length ** length_penalty
+        worst_finished_score = jnp.where(finished_flags, jnp.min(finished_scores, axis=1, keepdims=True), NEG)
+        improvable = state.improvable & jnp.any(best_live_score > worst_finished_score, axis=-1, keepdims=True)
+        keep_going = (jnp.any(improvable) & ~(jnp.all(finished_flags) & (o.early_stopping is True))
+                      & ~jnp.all(cand_ends))
+        return BeamState(
+            cur_len=cur_len + 1, done=~keep_going,
+            cache=reorder_fn(cache, (live_src_beams + example_rows).reshape(-1)),
+            live_seqs=_rows(cand_seqs, live_pos), live_log_probs=live_log_probs,
+            live_lengths=_rows(cand_lengths, live_pos), live_raw_log_probs=_rows(cand_raw, live_pos),
+            live_first_raw_log_probs=_rows(cand_first_raw, live_pos),
+            finished_seqs=keep_finished(state.finished_seqs, cand_seqs), finished_scores=finished_scores,
+            finished_flags=finished_flags, finished_lengths=keep_finished(state.finished_lengths, cand_lengths),
+            finished_raw_log_probs=keep_finished(state.finished_raw_log_probs, cand_raw),
+            finished_first_raw_log_probs=keep_finished(state.finished_first_raw_log_probs, cand_first_raw),
+            improvable=improvable,
+        )
 
-    s = jax.lax.while_loop(lambda s: ~s["done"], body, state)
-    return {"sequences": s["seq"], "scores": s["score"], "lengths": s["length"], "raw": s["raw"], "raw_first": s["raw0"]}
+    final = jax.lax.while_loop(lambda state: ~state.done, body, _beam_init(cache, batch, o))
+    return {"sequences": final.finished_seqs, "scores": final.finished_scores, "lengths": final.finished_lengths,
+            "raw_log_probs": final.finished_raw_log_probs, "first_raw_log_probs": final.finished_first_raw_log_probs}
 
 
 # ---------------------------------------------------------------------------
@@ -329,7 +404,8 @@ def _sequence_beams(gen_config: BartConfig, params: Any, ctx: jax.Array, mask: j
         use_bos = jnp.zeros((b,), bool)
     else:
         use_bos = jnp.all((cand[:, :, 1] == bos_token_id) | ~valid, axis=-1)
-    own = (beams["raw"] - jnp.where(jnp.repeat(use_bos, k)[:, None], beams["raw_first"], 0.0)).reshape(b, k, nb)
+    own = (beams["raw_log_probs"] - jnp.where(jnp.repeat(use_bos, k)[:, None], beams["first_raw_log_probs"], 0.0)
+           ).reshape(b, k, nb)
     nodes = jax.vmap(lambda x: jnp.sum(_sorted_prefixes(x, o.pad_token_id)[4]))(cand)
     return {"enc": enc, "cand": cand, "valid": valid, "use_bos": use_bos, "own": own, "tree_nodes": nodes}
 
