@@ -206,8 +206,7 @@ def test_eval_loader_pads_last_batch_and_masks():
     batches = list(loader)
     assert [len(b["question"]) for b in batches] == [4, 4, 4]
     assert batches[-1]["mask"].tolist() == [True, True, False, False]
-    recs = list(P.iterate_records(iter(batches)))
-    assert [r["qid"] for r in recs] == list(range(10))
+    assert [int(q) for b in batches for q, ok in zip(b["qid"], b["mask"]) if ok] == list(range(10))
     # Every process gets the same number of eval batches even when shards differ in size.
     counts = [len(list(P.make_loader(_rows(10), 2, shuffle=False, num_epochs=1, drop_remainder=False,
                                      shard_index=i, shard_count=3))) for i in range(3)]
@@ -245,7 +244,3 @@ def test_config_pipeline_resumes_through_checkpoint(built, tmp_path):
     assert step == 5
     assert [b["question"] for b in got] == [b["question"] for b in expected]
     assert [b["answer"] for b in got] == [b["answer"] for b in expected]
-    ev = list(P.eval_loader_from_config(cfg, ds_dir))
-    assert [len(b["question"]) for b in ev] == [4, 4]
-    assert sum(int(b["mask"].sum()) for b in ev) == 7
-    assert ev[0]["answers"][1] == ["d1", "e1"]

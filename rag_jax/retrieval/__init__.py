@@ -9,7 +9,7 @@
 """
 from rag_jax.retrieval.corpus import Corpus, CorpusError, Passage, build_corpus, open_corpus, read_passages, split_documents, write_corpus
 from rag_jax.retrieval.embeddings import EmbeddingStore, import_embeddings, write_store
-from rag_jax.retrieval.encode import encode_corpus, encode_queries, make_context_tokenize
+from rag_jax.retrieval.encode import encode_corpus, make_context_tokenize
 from rag_jax.retrieval.index import (
     ExactIndex,
     IndexMismatchError,
@@ -25,6 +25,6 @@ from rag_jax.retrieval.retriever import Retrieved, Retriever
 __all__ = [
     "Corpus", "CorpusError", "EmbeddingStore", "ExactIndex", "IndexMismatchError", "LoadedIndex", "Passage",
     "Retrieved", "Retriever", "ScannIndex", "ScannParams", "build_corpus", "build_index", "encode_corpus",
-    "encode_queries", "import_embeddings", "load_index", "make_context_tokenize", "open_corpus", "read_passages",
+    "import_embeddings", "load_index", "make_context_tokenize", "open_corpus", "read_passages",
     "neighbor_recall", "split_documents", "write_corpus", "write_store",
 ]

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -271,12 +270,3 @@ def _check_job(out: Path, job: dict) -> None:
         tmp = out / (JOB_FILE + ".partial")
         tmp.write_text(json.dumps(job, indent=2))
         os.replace(tmp, f)
-
-
-def encode_queries(encoder: Any, questions: Sequence[str], max_length: int = 64) -> np.ndarray:
-    """Question embeddings ``[Q, D]`` with the question tokenizer (single sequences)."""
-    tok = getattr(encoder, "tokenizer", None)
-    if tok is None:
-        raise ValueError("the question encoder has no tokenizer files (vocab.txt / tokenizer.json)")
-    batch = tok(list(questions), max_length=max_length)
-    return np.asarray(encoder.encode(batch["input_ids"], batch["attention_mask"], jnp.zeros_like(jnp.asarray(batch["input_ids"]))), np.float32)

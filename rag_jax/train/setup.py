@@ -134,8 +134,13 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
         if not config.retrieval.index_dir:
             raise ValueError("config.retrieval.index_dir is empty (set it, or train.closed_book=True)")
         retriever = Retriever(config.retrieval.index_dir)
-    rag_cfg = RagConfig(models.question_config, models.generator_config,
-                        RagSettings(variant=config.model.variant, n_docs=config.retrieval.n_docs))
+    # The run's own settings, so an exported config.json tells HF (and load_rag) what training used.
+    settings = RagSettings(
+        variant=config.model.variant, n_docs=config.retrieval.n_docs,
+        max_combined_length=config.data.max_combined_length, label_smoothing=config.train.label_smoothing,
+        exclude_bos_score=config.train.exclude_bos_score,
+    )
+    rag_cfg = RagConfig(models.question_config, models.generator_config, settings)
     return RagTask(
         config=rag_cfg, question_tokenizer=models.question_tokenizer, generator_tokenizer=models.generator_tokenizer,
         retriever=None if closed else retriever, variant=config.model.variant,
