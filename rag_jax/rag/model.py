@@ -195,21 +195,6 @@ class RagModel:
             static_argnums=(5, 7),  # epsilon stays traced: one compile for every value
         )
 
-    @classmethod
-    def from_parts(
-        cls, question_encoder: Any, generator: Any, variant: str = "sequence", **settings: Any
-    ) -> "RagModel":
-        """From a loaded ``rag_jax.encoder.Encoder`` (or None) and ``rag_jax.generator.Generator``."""
-        rag = RagSettings(variant=variant, **settings)
-        qe_cfg = None if question_encoder is None else question_encoder.config
-        params = {"generator": generator.params}
-        if question_encoder is not None:
-            params["question_encoder"] = question_encoder.params
-        return cls(
-            RagConfig(qe_cfg, generator.config, rag), params,
-            None if question_encoder is None else question_encoder.tokenizer, generator.tokenizer,
-        )
-
     # -- losses ------------------------------------------------------------
 
     def nll(

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from rag_jax.api import load_encoder
+from rag_jax.encoder import load_encoder
 from rag_jax.retrieval.corpus import Corpus, build_corpus
 from rag_jax.retrieval.embeddings import EmbeddingStore, import_embeddings
 from rag_jax.retrieval.encode import encode_corpus

@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rag_jax.data import qa_formats
-from rag_jax.eval.monitor import collapse_stats
+from rag_jax.eval.monitor import CollapseMonitor
 from rag_jax.eval.qa import qa_metrics
 from rag_jax.eval.retrieval import answer_hits, gold_hits, top_k_accuracy
 from rag_jax.rag.model import RagModel
@@ -52,7 +52,7 @@ def evaluate(
     preds: list[str] = []
     if positive_ids is not None and len(positive_ids) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(positive_ids)} positive id lists")
-    hits_all, gold_all, stats = [], [], []
+    hits_all, gold_all, collapse = [], [], CollapseMonitor()
     t0 = time.perf_counter()
     bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress, leave=False)
     for start in range(0, len(questions), batch_size):
@@ -69,7 +69,7 @@ def evaluate(
             hits_all.append(answer_hits(r.texts[:n], answers[start : start + n]))
             if positive_ids is not None:
                 gold_all.append(gold_hits(r.ids[:n], positive_ids[start : start + n]))
-            stats.append(collapse_stats(r.rows[:n], r.doc_scores[:n]))
+            collapse.update(r.rows[:n], r.doc_scores[:n])
         bar.update(n)
     bar.close()
     metrics: dict[str, Any] = dict(qa_metrics(preds, [list(a) for a in answers]))
@@ -83,8 +83,7 @@ def evaluate(
             if known.any():
                 for kk, v in top_k_accuracy(gold[known], sorted({1, min(5, k), k})).items():
                     metrics[f"gold_recall@{kk}"] = v
-        for key in stats[0]:
-            metrics[key] = float(np.mean([s[key] for s in stats]))
+        metrics.update(collapse.result())
     metrics["examples"] = len(questions)
     metrics["eval_seconds"] = time.perf_counter() - t0
     if return_predictions:
