@@ -135,10 +135,10 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
             raise ValueError("config.retrieval.index_dir is empty (set it, or train.closed_book=True)")
         retriever = Retriever(config.retrieval.index_dir)
     # The run's own settings, so an exported config.json tells HF (and load_rag) what training used.
+    # Not label_smoothing: HF also scores RAG-Sequence candidates with it, which would change decoding.
     settings = RagSettings(
         variant=config.model.variant, n_docs=config.retrieval.n_docs,
-        max_combined_length=config.data.max_combined_length, label_smoothing=config.train.label_smoothing,
-        exclude_bos_score=config.train.exclude_bos_score,
+        max_combined_length=config.data.max_combined_length, exclude_bos_score=config.train.exclude_bos_score,
     )
     rag_cfg = RagConfig(models.question_config, models.generator_config, settings)
     return RagTask(
