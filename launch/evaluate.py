@@ -14,11 +14,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints/")
 _SPLIT = flags.DEFINE_enum("split", "test", ["dev", "test"], "which file of config.data to evaluate")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0 in a multi-process run (else JAX_COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (else JAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, in [0, num_processes) (else JAX_PROCESS_ID)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    from rag_jax.train.distributed import initialize
+
+    # Before any other jax use; config.multihost=True auto-detects TPU pod slices and SLURM.
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+               multihost=_CONFIG.value.get("multihost", False))
     from rag_jax.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value)

@@ -15,11 +15,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, TensorBoard events and results")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0 in a multi-process run (else JAX_COORDINATOR_ADDRESS)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (else JAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, in [0, num_processes) (else JAX_PROCESS_ID)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
+    from rag_jax.train.distributed import initialize
+
+    # Before any other jax use; config.multihost=True auto-detects TPU pod slices and SLURM.
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+               multihost=_CONFIG.value.get("multihost", False))
     from rag_jax.train.loop import train_and_evaluate
 
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

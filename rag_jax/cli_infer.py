@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from rag_jax.cli_train import add_config_arguments
+from rag_jax.cli_train import add_config_arguments, add_distributed_arguments, load_config_and_join
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="training checkpoint -> inference directory (HF RAG format, no optimizer state)")
     add_config_arguments(p)  # the training config, with the overrides training ran with
+    add_distributed_arguments(p)
     p.add_argument("--workdir", required=True, help="the training workdir (its latest checkpoint is exported)")
     p.add_argument("--out", required=True, help="inference directory to write")
     p.set_defaults(func=_run_export)
@@ -30,10 +31,10 @@ def add_ask_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from rag_jax.config import load_config
+    config = load_config_and_join(args)
     from rag_jax.infer import export_from_workdir
 
-    export_from_workdir(load_config(args.config, args.config_overrides), args.workdir, args.out)
+    export_from_workdir(config, args.workdir, args.out)
     print(f"[export] wrote {args.out}")
     return 0
 

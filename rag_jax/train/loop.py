@@ -45,9 +45,9 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     after each step (tests use it to deliver a SIGTERM mid-run).
     """
     from rag_jax.train.config_checks import validate
+    from rag_jax.train.distributed import check_same_config
 
-    if config.get("multihost", False):
-        jax.distributed.initialize()
+    check_same_config(config)  # the launchers joined the processes (distributed.initialize)
     devices = list(devices or jax.devices())
     validate(config, len(devices))
     workdir = Path(workdir)
