@@ -12,8 +12,10 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
         help="passages -> corpus store -> document embeddings -> ScaNN/exact index directory",
         description=(
             "Builds a retrieval index directory from a passages file. Intermediate work (corpus store, "
-            "embedding shards) lives in OUT.work and is resumed if the command is killed and re-run; "
-            "OUT appears only when complete."
+            "embedding shards) lives in OUT.work and is resumed if the command is killed and re-run, as far "
+            "as it was made from the same inputs (passages file content, encoder, options); OUT appears only "
+            "when complete, and re-running a finished build does nothing. OUT.lock keeps a second build of the "
+            "same OUT out."
         ),
     )
     src = p.add_argument_group("passages")
@@ -21,6 +23,8 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--corpus", help="an existing corpus directory (instead of --passages)")
     src.add_argument("--split-words", type=int, default=0,
                      help="treat the file as raw documents and split them into passages of N words (DPR: 100)")
+    src.add_argument("--strict", action="store_true",
+                     help="fail on passages with an empty text or (DPR TSV) a non-integer id instead of warning")
     emb = p.add_argument_group("embeddings (encode with --encoder, or import precomputed ones)")
     emb.add_argument("--encoder", help="document (context) encoder directory: HF DPRContextEncoder or BERT")
     emb.add_argument("--embeddings-pkl", help="glob of DPR wikipedia_passages_*.pkl (id, vector) shards to import")
@@ -45,7 +49,8 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="ScaNN re-ordering vectors: memmap (default: exact re-scoring from the memory-mapped "
                           "float32 store, only hashed codes resident), int8/bfloat16/float32 (a copy in RAM), none")
     idx.add_argument("--training-sample-size", type=int, help="ScaNN k-means/AH training sample")
-    idx.add_argument("--brute-force", action="store_true", default=None, help="ScaNN brute force (small corpora)")
+    idx.add_argument("--brute-force", action=argparse.BooleanOptionalAction, default=None,
+                     help="ScaNN brute force (default below 20,000 passages; the tree options need a tree)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_build_index)
@@ -66,7 +71,7 @@ def run_build_index(args: argparse.Namespace) -> int:
         length_bucket=args.length_bucket, shard_rows=args.shard_rows, dtype=args.dtype,
         token_types=args.token_types, index_type=args.index_type,
         scann_params={k: v for k, v in scann.items() if v is not None},  # unset flags keep ScaNN's defaults
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
     )
     return 0
 

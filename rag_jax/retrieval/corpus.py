@@ -4,7 +4,8 @@ The store is a directory of flat files, chosen over an ``array_record`` TFDS
 dataset because it needs no builder machinery, keeps row order by
 construction, and gives O(1) random access through ``np.memmap`` offsets:
 
-    manifest.json         count, checksum, source; written last (marks complete)
+    manifest.json         count, checksum, source and its fingerprint (size,
+                          mtime, sha256), input warnings; written last (marks complete)
     ids.bin / ids.off     utf-8 ids and uint64 offsets [n + 1]
     titles.bin / ...off   utf-8 titles
     texts.bin / ...off    utf-8 texts
@@ -23,10 +24,11 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,6 +46,17 @@ class Passage:
     id: str
     title: str
     text: str
+    # Where it starts in its file (1-based; 0: not from a file), for error messages only.
+    line: int = field(default=0, compare=False)
+
+
+class DuplicateIdError(CorpusError):
+    """Two passages share an id; ``rows`` are their 0-based corpus rows (first, second)."""
+
+    def __init__(self, pid: str, rows: tuple[int, int]) -> None:
+        super().__init__(f"duplicate passage id {pid!r} at rows {rows[0]} and {rows[1]}")
+        self.pid = pid
+        self.rows = rows
 
 
 # ---------------------------------------------------------------------------
@@ -85,8 +98,9 @@ def read_dpr_tsv(path: str | os.PathLike) -> Iterator[Passage]:
                 return
             except csv.Error as e:
                 raise CorpusError(f"{path}:{start_line}: malformed quoting ({e})") from e
-            except UnicodeDecodeError as e:
-                raise CorpusError(f"{path}:{start_line}: not valid UTF-8 ({e})") from e
+            except UnicodeDecodeError:
+                # Decoding runs a buffer ahead of the csv reader: find the real line.
+                raise CorpusError(_utf8_error(path)) from None
             line = start_line
             start_line = reader.line_num + 1
             if not row:
@@ -104,14 +118,32 @@ def read_dpr_tsv(path: str | os.PathLike) -> Iterator[Passage]:
             pid, text, title = (row[i] for i in cols)
             if not pid.strip():
                 raise CorpusError(f"{path}:{line}: empty id")
-            yield Passage(pid.strip(), title, text)
+            yield Passage(pid.strip(), title, text, line)
+
+
+def _utf8_error(path: str) -> str:
+    """``FILE:LINE: not valid UTF-8 (...)`` for the first undecodable line of ``path``."""
+    with open(path, "rb") as f:
+        # A newline byte never occurs inside a UTF-8 sequence, so lines decode independently.
+        for line_no, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    return f"{path}: not valid UTF-8"
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[Passage]:
     """Streams JSONL ``{"id", "title", "text"}``; ``id`` may be omitted (row number from 1)."""
     path = str(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{path}:{line_no}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -128,7 +160,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[Passage]:
             pid = obj.get("id", line_no)
             if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
                 raise CorpusError(f"{path}:{line_no}: field 'id' must be a non-empty string or integer")
-            yield Passage(str(pid).strip(), title, obj["text"])
+            yield Passage(str(pid).strip(), title, obj["text"], line_no)
 
 
 def read_passages(path: str | os.PathLike) -> Iterator[Passage]:
@@ -156,7 +188,7 @@ def split_documents(
     for doc in docs:
         words = doc.text.split()
         for i in range(0, len(words), words_per_passage):
-            yield Passage(str(next_id), doc.title, " ".join(words[i : i + words_per_passage]))
+            yield Passage(str(next_id), doc.title, " ".join(words[i : i + words_per_passage]), doc.line)
             next_id += 1
 
 
@@ -230,11 +262,14 @@ def write_corpus(
     source: str = "",
     overwrite: bool = False,
     progress: bool = True,
+    manifest_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> "Corpus":
     """Streams ``passages`` into a corpus directory; atomic (temp dir, then rename).
 
     Memory grows only with the number of passages (8 bytes of id hash each),
-    never with the text. Duplicate ids are an error.
+    never with the text. Duplicate ids (:class:`DuplicateIdError`) and an
+    empty stream are errors. ``manifest_extra()``, called once the stream is
+    consumed (it may report on it), adds items to the manifest.
     """
     out = Path(out_dir)
     tmp = atomic_dir(out, overwrite)
@@ -261,9 +296,11 @@ def write_corpus(
                 bar.update(1)
         if bar is not None:
             bar.close()
-        keys.append(np.asarray(pending_keys, np.uint64))
         for b in blobs.values():
             b.close()
+        if n == 0:
+            raise CorpusError(f"{source or out}: no passages")
+        keys.append(np.asarray(pending_keys, np.uint64))
         key_arr = np.concatenate(keys)
         order = np.argsort(key_arr, kind="stable")
         sorted_keys = key_arr[order]
@@ -275,6 +312,7 @@ def write_corpus(
             "count": n,
             "checksum": "sha256:" + sha.hexdigest(),
             "source": str(source),
+            **(manifest_extra() if manifest_extra else {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         commit_dir(tmp, out)
@@ -289,10 +327,125 @@ def _check_duplicates(root: Path, sorted_keys: np.ndarray, order: np.ndarray) ->
     if not len(same):
         return
     ids = _Field(root, "ids")
+    found = None
     for i in same[:1000]:
-        a, b = int(order[i]), int(order[i + 1])
-        if ids[a] == ids[b]:
-            raise CorpusError(f"duplicate passage id {ids[a]!r} at rows {min(a, b)} and {max(a, b)}")
+        a, b = sorted(int(x) for x in order[i : i + 2])
+        if ids[a] == ids[b] and (found is None or b < found[1]):
+            found = (a, b)  # the duplicate met first when reading the file
+    if found is not None:
+        raise DuplicateIdError(ids[found[0]], found)
+
+
+# ---------------------------------------------------------------------------
+# Passages files: fingerprints and content checks
+# ---------------------------------------------------------------------------
+
+# A file modified within this long of the moment it was hashed may have kept
+# its size and (coarse) mtime: such a fingerprint is re-hashed, never trusted.
+_RACY_NS = 2_000_000_000
+
+
+def file_fingerprint(path: str | os.PathLike, known: dict | None = None, progress: bool = False) -> dict:
+    """``{"path", "size", "mtime_ns", "sha256", "checked_ns"}`` of a file.
+
+    ``known`` is an earlier fingerprint of the same file: when size and mtime
+    are unchanged (and were not racy when it was taken) its hash is reused
+    instead of reading the file again, as make and git trust an unchanged
+    stat. Compare fingerprints with :func:`same_content` (size and hash).
+    """
+    checked = time.time_ns()
+    st = os.stat(path)
+    if (
+        known is not None
+        and known.get("size") == st.st_size
+        and known.get("mtime_ns") == st.st_mtime_ns
+        and int(known.get("checked_ns", 0)) - st.st_mtime_ns > _RACY_NS
+    ):
+        return {**known, "path": os.path.abspath(path)}
+    h = hashlib.sha256()
+    # Only files big enough to take a while get a bar (rate and ETA).
+    bar = _progress(progress and st.st_size >= 1 << 26, f"hash {Path(path).name}", total=st.st_size, unit="B")
+    if bar is not None:
+        bar.unit_scale = True
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    after = os.stat(path)
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise CorpusError(f"{path}: changed while being read; run again once it is complete")
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": h.hexdigest(), "checked_ns": checked}
+
+
+def same_content(a: dict | None, b: dict | None) -> bool:
+    return bool(a and b) and (a["size"], a["sha256"]) == (b["size"], b["sha256"])
+
+
+def content_change(old: dict, new: dict) -> str:
+    """Why two fingerprints of a file differ, for the build log."""
+    if old["size"] != new["size"]:
+        return f"{new['path']} changed ({old['size']} -> {new['size']} bytes)"
+    return f"{new['path']} changed (same size, different content)"
+
+
+class _InputChecks:
+    """Counts passages with an empty text and (for DPR TSV) non-integer ids.
+
+    ``strict`` raises at the first; otherwise :meth:`summary` lists counts and
+    the first lines, kept in the corpus manifest (``input_warnings``).
+    """
+
+    KEEP = 5
+
+    def __init__(self, path: str, integer_ids: bool, strict: bool) -> None:
+        self.path = path
+        self.integer_ids = integer_ids
+        self.strict = strict
+        self.found: dict[str, dict] = {}
+
+    def _note(self, kind: str, line: int, detail: str) -> None:
+        if self.strict:
+            raise CorpusError(f"{self.path}:{line}: {detail} (--strict)")
+        entry = self.found.setdefault(kind, {"kind": kind, "count": 0, "lines": [], "first": detail})
+        entry["count"] += 1
+        if len(entry["lines"]) < self.KEEP:
+            entry["lines"].append(line)
+
+    def __call__(self, stream: Iterable[Passage]) -> Iterator[Passage]:
+        for p in stream:
+            if not p.text.strip():
+                self._note("empty_text", p.line, "empty passage text")
+            if self.integer_ids and not (p.id.isascii() and p.id.isdigit()):
+                self._note("non_integer_id", p.line, f"id {p.id!r} is not an integer (DPR TSV ids are integers)")
+            yield p
+
+    def summary(self) -> list[dict]:
+        return list(self.found.values())
+
+
+_WARNING_NOUNS = {"empty_text": "passages with an empty text", "non_integer_id": "ids that are not integers"}
+
+
+def input_warnings(corpus: "Corpus", name: str, strict: bool = False) -> list[str]:
+    """One line per kind of suspicious passage recorded when ``corpus`` was built from file ``name``.
+
+    With ``strict`` the first such passage is a :class:`CorpusError` instead
+    (a store built without ``strict`` and reused by a strict build).
+    """
+    out = []
+    for w in corpus.manifest.get("input_warnings", []):
+        if strict:
+            raise CorpusError(f"{name}:{w['lines'][0]}: {w['first']} (--strict)")
+        more = ", ..." if w["count"] > len(w["lines"]) else ""
+        out.append(
+            f"{name}: {w['count']} {_WARNING_NOUNS.get(w['kind'], w['kind'])} (line {', '.join(map(str, w['lines']))}"
+            f"{more}; first: {w['first']}); --strict makes this an error"
+        )
+    return out
 
 
 def build_corpus(
@@ -301,12 +454,55 @@ def build_corpus(
     split_words: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    strict: bool = False,
+    fingerprint: dict | None = None,
 ) -> "Corpus":
-    """Reads a DPR TSV / JSONL file (optionally splitting raw documents) into a store."""
-    stream = read_passages(passages_file)
+    """Reads a DPR TSV / JSONL file (optionally splitting raw documents) into a store.
+
+    Errors name ``FILE:LINE``: malformed rows, invalid UTF-8, an empty file
+    (``FILE: no passages``), duplicate ids (with the line of the first).
+    Empty texts and, in DPR TSV (whose ids are integers), non-integer ids are
+    counted into the manifest's ``input_warnings`` (see
+    :func:`input_warnings`), or fail at the first with ``strict``. The
+    manifest records the file's ``fingerprint`` (computed if not given): a
+    store is reused only for the same content.
+    """
+    name = str(passages_file)
+    fingerprint = fingerprint or file_fingerprint(passages_file, progress=progress)
+    checks = _InputChecks(name, integer_ids=Path(name).suffix.lower() not in (".jsonl", ".json") and not split_words,
+                          strict=strict)
+    stream = checks(read_passages(passages_file))
     if split_words:
         stream = split_documents(stream, split_words)
-    return write_corpus(stream, out_dir, source=os.path.abspath(passages_file), overwrite=overwrite, progress=progress)
+    try:
+        corpus = write_corpus(
+            stream, out_dir, source=name, overwrite=overwrite, progress=progress,
+            manifest_extra=lambda: {"source_fingerprint": fingerprint, "split_words": split_words or None,
+                                    "input_warnings": checks.summary()},
+        )
+    except DuplicateIdError as e:
+        lines = _lines_of_rows(passages_file, split_words, e.rows)
+        raise CorpusError(f"{name}:{lines[1]}: duplicate id {e.pid!r} (first on line {lines[0]})") from None
+    now = os.stat(passages_file)
+    if (now.st_size, now.st_mtime_ns) != (fingerprint["size"], fingerprint["mtime_ns"]):
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise CorpusError(f"{name}: changed while the corpus was being built; run again once it is complete")
+    return corpus
+
+
+def _lines_of_rows(path: str | os.PathLike, split_words: int | None, rows: Sequence[int]) -> list[int]:
+    """File lines of corpus ``rows`` (an error path: reads the file again rather than
+    keep a line number per passage in memory)."""
+    stream: Iterable[Passage] = read_passages(path)
+    if split_words:
+        stream = split_documents(stream, split_words)
+    want = {r: 0 for r in rows}
+    for row, p in enumerate(stream):
+        if row in want:
+            want[row] = p.line
+            if row == max(rows):
+                break
+    return [want[r] for r in rows]
 
 
 class _Field:
@@ -419,12 +615,16 @@ def _progress(enabled: bool, desc: str, total: int | None = None, unit: str = "i
 __all__ = [
     "Corpus",
     "CorpusError",
+    "DuplicateIdError",
     "Passage",
     "build_corpus",
+    "file_fingerprint",
+    "input_warnings",
     "open_corpus",
     "read_dpr_tsv",
     "read_jsonl",
     "read_passages",
+    "same_content",
     "split_documents",
     "write_corpus",
 ]

@@ -26,6 +26,9 @@ from rag_jax.retrieval.corpus import Corpus, CorpusError, _progress, atomic_dir,
 STORE_MANIFEST = "embeddings.json"
 STORE_FORMAT = "rag_jax.embeddings/1"
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
+# import_embeddings' float32 scratch matrix: OUT_DIR + this suffix, deleted when done
+# (index builds also delete one a killed import left behind).
+IMPORT_SCRATCH_SUFFIX = ".import.f32"
 
 
 def np_dtype(name: str) -> Any:
@@ -254,6 +257,7 @@ def import_embeddings(
     encoder_fingerprint: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    inputs: dict | None = None,
 ) -> EmbeddingStore:
     """Imports precomputed embeddings into a store in ``corpus`` row order.
 
@@ -262,6 +266,8 @@ def import_embeddings(
     ``[N, D]`` array) with ``ids`` (a text file with one id per line, a
     ``.npy``/``.json`` list, or a sequence). Every corpus passage must get
     exactly one vector; unknown ids, duplicates and gaps are errors.
+    ``inputs`` (fingerprints of the imported files) is kept in the manifest,
+    so that a resumed build reuses the store only for the same files.
     """
     if (dpr_pickles is None) == (npy is None):
         raise ValueError("give exactly one of dpr_pickles= or npy= (with ids=)")
@@ -286,7 +292,7 @@ def import_embeddings(
         ids0, vecs0, f0 = next(first)
         dim = vecs0.shape[1]
         pairs = _chain([(ids0, vecs0, f0)], _pickle_pairs(files[1:]))
-    work = Path(str(out_dir) + ".import.f32")
+    work = Path(str(out_dir) + IMPORT_SCRATCH_SUFFIX)
     out = np.lib.format.open_memmap(work, mode="w+", dtype=np.float32, shape=(len(corpus), dim))
     seen = np.zeros(len(corpus), bool)
     bar = _progress(progress, "import", total=len(corpus), unit="psg")
@@ -295,13 +301,14 @@ def import_embeddings(
         if not seen.all():
             missing = np.nonzero(~seen)[0]
             raise CorpusError(
-                f"{len(missing)} of {len(corpus)} corpus passages have no embedding "
+                f"{npy if npy is not None else dpr_pickles}: {len(missing)} of {len(corpus)} corpus passages "
+                "have no embedding "
                 f"(first: id {corpus.id(int(missing[0]))!r} at row {int(missing[0])})"
             )
         out.flush()
         return write_store(
             out, out_dir, dtype=dtype, encoder_fingerprint=encoder_fingerprint,
-            corpus_checksum=corpus.checksum, overwrite=overwrite, imported=True,
+            corpus_checksum=corpus.checksum, overwrite=overwrite, imported=True, inputs=inputs,
         )
     finally:
         if bar is not None:

@@ -7,13 +7,15 @@ once; each global batch is split over the mesh's ``data`` axis with a
 temporary file and a rename; ``job.json`` pins the job's settings. Killed and
 restarted on the same output directory, the job skips the complete shards and
 recomputes the rest with exactly the batches an uninterrupted run would use,
-so the shards are identical.
+so the shards are identical. A directory holding another job (other corpus,
+encoder or settings) is refused, or restarted when the caller says so.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rag_jax.retrieval.corpus import Corpus, _progress
+from rag_jax.retrieval.faults import fault_point
 from rag_jax.retrieval.embeddings import (
     STORE_MANIFEST,
     EmbeddingStore,
@@ -145,6 +148,7 @@ def encode_corpus(
     encoder_fingerprint: str | None = None,
     length_bucket: int | None = 64,
     progress: bool = True,
+    on_other_job: Callable[[str], None] | None = None,
 ) -> EmbeddingStore:
     """Encodes every corpus passage into an embedding store at ``out_dir`` (resumable).
 
@@ -158,6 +162,11 @@ def encode_corpus(
     100-word passages mostly need 192 of 256 tokens); ``None`` always pads
     to ``max_length``. Trimming only removes masked padding, so the
     embeddings do not change beyond float rounding.
+
+    ``out_dir`` may hold an unfinished (or finished) run of the same job,
+    which is resumed (or returned). If it holds a different job, ValueError
+    names what differs; with ``on_other_job`` that function is called with
+    the difference instead and the directory is emptied and started over.
     """
     mesh = mesh or data_mesh()
     n_data = mesh.shape[batch_axis]
@@ -185,7 +194,14 @@ def encode_corpus(
         "token_types": token_types,
         "length_bucket": length_bucket,
     }
-    _check_job(out, job)
+    other = _other_job(out, job)
+    if other is not None:
+        if on_other_job is None:
+            raise ValueError(f"{out}: holds a different encoding job ({other}); use another directory or delete it")
+        on_other_job(other)
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+    _write_job(out, job)
     num_shards = max(1, math.ceil(len(corpus) / shard_rows))
     names = [shard_name(i) for i in range(num_shards)]
     if (out / STORE_MANIFEST).is_file():
@@ -218,6 +234,7 @@ def encode_corpus(
             block = to_storage(np.concatenate(pieces), dtype)
             dim = block.shape[1]
             save_npy_atomic(out / names[s], block)
+            fault_point(f"shard-{s}")
         if dim is None:
             dim = int(np.load(out / names[0], mmap_mode="r").shape[1])
         write_store_manifest(out, dim, len(corpus), dtype, shard_rows, names, fingerprint, corpus.checksum,
@@ -258,15 +275,19 @@ def _shard_complete(path: Path, rows: int) -> bool:
     return arr.ndim == 2 and arr.shape[0] == rows
 
 
-def _check_job(out: Path, job: dict) -> None:
+def _other_job(out: Path, job: dict) -> str | None:
+    """What differs between ``job`` and the one ``out`` was started for (None: same, or none yet)."""
     f = out / JOB_FILE
-    if f.is_file():
-        old = json.loads(f.read_text())
-        diff = {k: (old.get(k), v) for k, v in job.items() if old.get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out}: holds a different encoding job ({detail}); use another directory or delete it")
-    else:
+    if not f.is_file():
+        return None
+    old = json.loads(f.read_text())
+    diff = {k: (old.get(k), v) for k, v in job.items() if old.get(k) != v}
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) or None
+
+
+def _write_job(out: Path, job: dict) -> None:
+    f = out / JOB_FILE
+    if not f.is_file():
         tmp = out / (JOB_FILE + ".partial")
         tmp.write_text(json.dumps(job, indent=2))
         os.replace(tmp, f)

@@ -199,23 +199,52 @@ class ScannParams:
 
     @classmethod
     def for_size(cls, n: int, **overrides: Any) -> "ScannParams":
+        """Defaults for ``n`` rows (brute force below ``BRUTE_FORCE_BELOW``), then ``overrides``.
+
+        The result records only what the searcher uses: with brute force the
+        tree and re-ordering fields are zeroed (an override of them is then
+        not applied; :func:`unapplied_scann_overrides` lists such overrides)
+        and the re-ordering dtype is the one brute force scores with.
+        """
         p = cls()
-        if n < BRUTE_FORCE_BELOW:
-            p.brute_force = True
-        else:
-            p.num_leaves = max(2, int(round(math.sqrt(n))))
-            # ~5% of the leaves: recall@10 >= 0.95 on clustered embeddings in our tests/benchmarks.
-            p.num_leaves_to_search = max(8, int(math.ceil(p.num_leaves * 0.05)))
-            p.training_sample_size = min(n, 250_000)
         for key, value in overrides.items():
             if value is None:
                 continue
             if not hasattr(p, key):
                 raise ValueError(f"unknown ScaNN parameter {key!r}; known: {sorted(asdict(p))}")
             setattr(p, key, type(getattr(p, key))(value))
+        if overrides.get("brute_force") is None:
+            p.brute_force = n < BRUTE_FORCE_BELOW
         if p.reorder_dtype not in REORDER_DTYPES:
             raise ValueError(f"reorder_dtype must be one of {REORDER_DTYPES}, got {p.reorder_dtype!r}")
+        if p.brute_force:
+            p.num_leaves = p.num_leaves_to_search = p.training_sample_size = p.dims_per_block = p.reorder_k = 0
+            p.anisotropic_quantization_threshold = 0.0
+            if p.reorder_dtype not in _SCANN_REORDER:
+                p.reorder_dtype = "float32"  # brute force scores exactly in float32 without a quantized copy
+            return p
+        if not overrides.get("num_leaves"):
+            p.num_leaves = max(2, int(round(math.sqrt(n))))
+        if not overrides.get("num_leaves_to_search"):
+            # ~5% of the leaves: recall@10 >= 0.95 on clustered embeddings in our tests/benchmarks.
+            p.num_leaves_to_search = min(p.num_leaves, max(8, int(math.ceil(p.num_leaves * 0.05))))
+        if not overrides.get("training_sample_size"):
+            p.training_sample_size = min(n, 250_000)
+        if not 1 <= p.num_leaves <= n:
+            raise ValueError(f"num_leaves={p.num_leaves} must be between 1 and the {n} passages")
+        if not 1 <= p.num_leaves_to_search <= p.num_leaves:
+            raise ValueError(f"num_leaves_to_search={p.num_leaves_to_search} must be between 1 and "
+                             f"num_leaves={p.num_leaves}")
         return p
+
+
+_SCANN_REORDER = ("float32", "int8", "bfloat16")
+
+
+def unapplied_scann_overrides(params: ScannParams, overrides: dict[str, Any]) -> list[str]:
+    """The ``overrides`` given to :meth:`ScannParams.for_size` that ``params`` does not apply."""
+    return [k for k, v in overrides.items()
+            if v is not None and getattr(params, k) != type(getattr(params, k))(v)]
 
 
 def _scann():  # noqa: ANN202
@@ -230,7 +259,7 @@ def build_scann_searcher(embeddings: np.ndarray, params: ScannParams):  # noqa: 
 
     db = np.ascontiguousarray(embeddings, np.float32)
     b = scann.scann_ops_pybind.builder(db, params.num_neighbors, "dot_product")
-    rtype = {"float32": ReorderType.FLOAT32, "int8": ReorderType.INT8, "bfloat16": ReorderType.BFLOAT16}
+    rtype = dict(zip(_SCANN_REORDER, (ReorderType.FLOAT32, ReorderType.INT8, ReorderType.BFLOAT16)))
     if params.brute_force:
         b = b.score_brute_force(rtype.get(params.reorder_dtype, ReorderType.FLOAT32))
     else:
@@ -358,18 +387,14 @@ def build_index(
     corpus_checksum: str | None = None,
     scann_params: ScannParams | dict | None = None,
     overwrite: bool = False,
-    move_inputs: bool = False,
-    move_corpus: bool | None = None,
     prebuilt: "ScannIndex | None" = None,
 ) -> Path:
     """Builds an index directory atomically and returns its path.
 
     ``embeddings`` is a store (or its path) or an array; a store's encoder
-    fingerprint and corpus checksum carry over unless given here. With
-    ``include_corpus`` the corpus directory is copied into ``out/corpus``.
-    ``move_inputs`` renames the store (and, unless ``move_corpus=False``, the
-    corpus) into the index instead of copying them (for a build pipeline's own
-    intermediate directories).
+    fingerprint and corpus checksum carry over unless given here. The store
+    is copied into ``out/embeddings``; with ``include_corpus`` the corpus
+    directory is copied into ``out/corpus``.
     ``prebuilt`` saves an already built :class:`ScannIndex` over the same rows.
     """
     if kind not in ("scann", "exact"):
@@ -382,69 +407,87 @@ def build_index(
         encoder_fingerprint = encoder_fingerprint or embeddings.encoder_fingerprint
         corpus_checksum = corpus_checksum or embeddings.corpus_checksum
     if corpus is not None:
-        if corpus_checksum is not None and corpus_checksum != corpus.checksum:
-            raise IndexMismatchError(
-                f"embeddings were computed for corpus {corpus_checksum}, but corpus {corpus.path} is {corpus.checksum}"
-            )
-        corpus_checksum = corpus.checksum
         n_emb = embeddings.count if isinstance(embeddings, EmbeddingStore) else len(embeddings)
-        if n_emb != len(corpus):
-            raise IndexMismatchError(f"{n_emb} embeddings but corpus {corpus.path} has {len(corpus)} passages")
+        check_pairing(n_emb, corpus_checksum, corpus)
+        corpus_checksum = corpus.checksum
     out = Path(out_dir)
     tmp = atomic_dir(out, overwrite)
-    moved: list[tuple[Path, Path]] = []
     try:
-        t0 = time.perf_counter()
         if isinstance(embeddings, EmbeddingStore):
-            if move_inputs:
-                os.rename(embeddings.path, tmp / "embeddings")
-                moved.append((tmp / "embeddings", embeddings.path))
-            else:
-                shutil.copytree(embeddings.path, tmp / "embeddings")
-            store = EmbeddingStore(tmp / "embeddings")
+            shutil.copytree(embeddings.path, tmp / "embeddings")
         else:
-            store = write_store(np.asarray(embeddings, np.float32), tmp / "embeddings",
-                                encoder_fingerprint=encoder_fingerprint, corpus_checksum=corpus_checksum)
-        manifest: dict[str, Any] = {
-            "format": INDEX_FORMAT,
-            "kind": kind,
-            "dim": store.dim,
-            "count": store.count,
-            "dtype": store.dtype,
-            "encoder_fingerprint": encoder_fingerprint,
-            "corpus_checksum": corpus_checksum,
-        }
-        if kind == "scann":
-            if prebuilt is not None:
-                if (prebuilt.count, prebuilt.dim) != store.shape:
-                    raise ValueError(f"prebuilt ScaNN index is {prebuilt.count}x{prebuilt.dim}, embeddings {store.shape}")
-                scann_params = prebuilt.params
-                prebuilt.serialize(tmp / "scann")
-            else:
-                if isinstance(scann_params, dict) or scann_params is None:
-                    scann_params = ScannParams.for_size(store.count, **(scann_params or {}))
-                data = store.to_array()
-                ScannIndex.build(data, scann_params).serialize(tmp / "scann")
-                del data
-            manifest["scann"] = asdict(scann_params)
+            write_store(np.asarray(embeddings, np.float32), tmp / "embeddings",
+                        encoder_fingerprint=encoder_fingerprint, corpus_checksum=corpus_checksum)
         if include_corpus and corpus is not None:
-            if move_inputs if move_corpus is None else move_corpus:
-                os.rename(corpus.path, tmp / "corpus")
-                moved.append((tmp / "corpus", corpus.path))
-            else:
-                shutil.copytree(corpus.path, tmp / "corpus")
-        manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
-        # What must stay in RAM to search (the float32 store is memory-mapped and read per hit).
-        manifest["search_bytes"] = _dir_bytes(tmp / "scann") if kind == "scann" else store.count * store.dim * 4
-        # The manifest goes last: its presence is what marks the directory complete.
-        (tmp / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
+            shutil.copytree(corpus.path, tmp / "corpus")
+        write_index_files(tmp, kind, encoder_fingerprint, corpus_checksum, scann_params, prebuilt)
         commit_dir(tmp, out)
     except BaseException:
-        for src, dst in moved:  # hand moved inputs back so a failed build loses no encoding work
-            os.rename(src, dst)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_pairing(n_embeddings: int, embeddings_corpus_checksum: str | None, corpus: Corpus) -> None:
+    """IndexMismatchError unless the embeddings were computed for ``corpus``."""
+    if embeddings_corpus_checksum is not None and embeddings_corpus_checksum != corpus.checksum:
+        raise IndexMismatchError(
+            f"embeddings were computed for corpus {embeddings_corpus_checksum}, but corpus {corpus.path} "
+            f"is {corpus.checksum}"
+        )
+    if n_embeddings != len(corpus):
+        raise IndexMismatchError(f"{n_embeddings} embeddings but corpus {corpus.path} has {len(corpus)} passages")
+
+
+def write_index_files(
+    root: Path,
+    kind: str,
+    encoder_fingerprint: str | None,
+    corpus_checksum: str | None,
+    scann_params: ScannParams | dict | None = None,
+    prebuilt: "ScannIndex | None" = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Turns ``root`` (holding ``embeddings/``, optionally ``corpus/``) into an index directory.
+
+    Builds the searcher into ``root/scann`` (kind "scann") and writes the
+    manifest last, through a rename: the manifest is what marks the
+    directory complete. ``extra`` items go into the manifest. Returns it.
+    """
+    if kind not in ("scann", "exact"):
+        raise ValueError(f"index kind must be 'scann' or 'exact', got {kind!r}")
+    t0 = time.perf_counter()
+    store = EmbeddingStore(root / "embeddings")
+    manifest: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "kind": kind,
+        "dim": store.dim,
+        "count": store.count,
+        "dtype": store.dtype,
+        "encoder_fingerprint": encoder_fingerprint,
+        "corpus_checksum": corpus_checksum,
+    }
+    if kind == "scann":
+        if prebuilt is not None:
+            if (prebuilt.count, prebuilt.dim) != store.shape:
+                raise ValueError(f"prebuilt ScaNN index is {prebuilt.count}x{prebuilt.dim}, embeddings {store.shape}")
+            scann_params = prebuilt.params
+            prebuilt.serialize(root / "scann")
+        else:
+            if isinstance(scann_params, dict) or scann_params is None:
+                scann_params = ScannParams.for_size(store.count, **(scann_params or {}))
+            data = store.to_array()
+            ScannIndex.build(data, scann_params).serialize(root / "scann")
+            del data
+        manifest["scann"] = asdict(scann_params)
+    manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+    # What must stay in RAM to search (the float32 store is memory-mapped and read per hit).
+    manifest["search_bytes"] = _dir_bytes(root / "scann") if kind == "scann" else store.count * store.dim * 4
+    manifest.update(extra or {})
+    partial = root / (INDEX_MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, root / INDEX_MANIFEST)
+    return manifest
 
 
 def load_index(
