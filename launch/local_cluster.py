@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
         parser.error("missing '--' before the script and its arguments")
     split = argv.index("--")
     args, rest = parser.parse_args(argv[:split]), argv[split + 1:]
-    script, script_args = ((rest[0], rest[1:]) if rest and rest[0].endswith(".py")
-                           else (os.path.join(_REPO, "launch", "train.py"), rest))
+    has_script = bool(rest) and not rest[0].startswith("-") and rest[0].endswith(".py")
+    script, script_args = (rest[0], rest[1:]) if has_script else (os.path.join(_REPO, "launch", "train.py"), rest)
     try:
         return run_local_cluster([sys.executable, script, *script_args], args.num_processes,
                                  args.devices_per_process, args.port)

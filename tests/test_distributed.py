@@ -243,6 +243,14 @@ def test_local_cluster_forwards_sigterm(tmp_path):
     assert "[p0] got SIGTERM" in out.splitlines() and "[p1] got SIGTERM" in out.splitlines()
 
 
+def test_local_cluster_runs_launch_train_without_a_script(tmp_path):
+    """``-- --config=...`` goes to launch/train.py (here: a config file that does not exist)."""
+    out = subprocess.run([sys.executable, LOCAL_CLUSTER, "-n", "1", "--", "--config=missing.py", "--workdir=w"],
+                         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode != 0
+    assert any(line.startswith("[p0] ") and "missing.py" in line for line in out.stdout.splitlines()), out.stdout
+
+
 def test_local_cluster_needs_the_separator(tmp_path):
     out = subprocess.run([sys.executable, LOCAL_CLUSTER, "-n", "2", "child.py"], env=_env(), cwd=tmp_path,
                          capture_output=True, text=True, timeout=TIMEOUT_S)
