@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir holding checkpoints/")
 _SPLIT = flags.DEFINE_enum("split", "test", ["dev", "test"], "which file of config.data to evaluate")
+flags.DEFINE_bool("debug", False, "on an error, show the full traceback instead of one line")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "HOST:PORT of process 0 in a multi-process run (else JAX_COORDINATOR_ADDRESS)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (else JAX_NUM_PROCESSES)")
@@ -35,4 +36,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from rag_jax.config import parse_absl_flags
+    from rag_jax.errors import debug_requested, run_reporting_errors
+
+    # Flag parsing and main inside the boundary: a bad flag or --config field is
+    # one line too. app.run exits through SystemExit, which the boundary lets pass.
+    sys.exit(run_reporting_errors(lambda: app.run(main, flags_parser=parse_absl_flags),
+                                  "evaluate.py", debug=debug_requested(sys.argv)))

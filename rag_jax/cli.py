@@ -12,6 +12,7 @@ from typing import Sequence
 
 from rag_jax import cli_infer, cli_retrieval, cli_train
 from rag_jax.config import OVERRIDE_PREFIXES
+from rag_jax.errors import run_reporting_errors
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -43,9 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rag-jax", description="Retrieval-Augmented Generation in JAX/Flax (RAG-Sequence, RAG-Token)."
     )
+    debug_help = "on an error, show the full traceback instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    # Also after the subcommand ("rag-jax train --debug ..."); SUPPRESS keeps a
+    # "rag-jax --debug train" from being reset by the subparser's default.
+    for subparser in sub.choices.values():
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -60,11 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if takes_overrides:
         args.config_overrides = extra
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"rag-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: args.func(args), f"rag-jax {args.command}", debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,29 @@ def _fail(path: str | os.PathLike, line: int, msg: str) -> QAFormatError:
     return QAFormatError(f"{path}:{line}: {msg}")
 
 
+def _no_questions(path: str | os.PathLike) -> QAFormatError:
+    return QAFormatError(f"{path}: no questions (the file is empty or holds only blank lines)")
+
+
+def _lines(path: str | os.PathLike) -> Iterator[str]:
+    """The file's lines (line ends kept), decoded one by one so that invalid
+    UTF-8 is reported on its own line; a UTF-8 byte-order mark is dropped.
+
+    Text-mode reading decodes in blocks, and its error names neither the line
+    nor, through csv, the right one.
+    """
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            if ln == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _fail(path, ln, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                      "line); QA files must be UTF-8 text") from None
+            yield text
+
+
 def _check_question(q: object, path: str | os.PathLike, line: int) -> str:
     if not isinstance(q, str):
         raise _fail(path, line, f"question must be a string, got {type(q).__name__}")
@@ -91,39 +114,46 @@ def parse_answer_list(text: str, path: str | os.PathLike = "<string>", line: int
 
 def read_dpr_csv(path: str | os.PathLike) -> Iterator[QARecord]:
     """``question<TAB>answers-list`` lines (DPR's nq-*.qa.csv); no header."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        # QUOTE_NONE: questions hold stray quotes that must stay literal.
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in reader:
-            ln = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) != 2:
-                raise _fail(path, ln, f"expected 2 tab-separated fields (question, answers), got {len(row)}")
-            q = _check_question(row[0], path, ln)
-            yield QARecord(q, parse_answer_list(row[1], path, ln), str(path), ln)
+    # QUOTE_NONE: questions hold stray quotes that must stay literal (and no
+    # field spans lines, so line_num is the file's line).
+    reader = csv.reader(_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    count = 0
+    for row in reader:
+        ln = reader.line_num
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 2:
+            raise _fail(path, ln, f"expected 2 tab-separated fields (question, answers), got {len(row)}")
+        q = _check_question(row[0], path, ln)
+        count += 1
+        yield QARecord(q, parse_answer_list(row[1], path, ln), str(path), ln)
+    if not count:
+        raise _no_questions(path)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[QARecord]:
     """One ``{"question": str, "answers": [str, ...]}`` object per line."""
-    with open(path, encoding="utf-8-sig") as f:
-        for ln, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise _fail(path, ln, f"malformed JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise _fail(path, ln, f"expected a JSON object, got {type(obj).__name__}")
-            for key in ("question", "answers"):
-                if key not in obj:
-                    raise _fail(path, ln, f"missing field {key!r}")
-            q = _check_question(obj["question"], path, ln)
-            pos = obj.get("positive_ids", [])
-            if not isinstance(pos, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in pos):
-                raise _fail(path, ln, "positive_ids must be a list of passage ids (ints or strings)")
-            yield QARecord(q, _check_answers(obj["answers"], path, ln), str(path), ln, tuple(str(x) for x in pos))
+    count = 0
+    for ln, text in enumerate(_lines(path), 1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _fail(path, ln, f"malformed JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise _fail(path, ln, f"expected a JSON object, got {type(obj).__name__}")
+        for key in ("question", "answers"):
+            if key not in obj:
+                raise _fail(path, ln, f"missing field {key!r}")
+        q = _check_question(obj["question"], path, ln)
+        pos = obj.get("positive_ids", [])
+        if not isinstance(pos, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in pos):
+            raise _fail(path, ln, "positive_ids must be a list of passage ids (ints or strings)")
+        count += 1
+        yield QARecord(q, _check_answers(obj["answers"], path, ln), str(path), ln, tuple(str(x) for x in pos))
+    if not count:
+        raise _no_questions(path)
 
 
 def seq2seq_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -143,25 +173,27 @@ def read_seq2seq(path: str | os.PathLike) -> Iterator[QARecord]:
     for p in (src, tgt):
         if not p.exists():
             raise FileNotFoundError(f"{p}: seq2seq file missing")
-    with open(src, encoding="utf-8-sig") as fs, open(tgt, encoding="utf-8-sig") as ft:
-        ln = 0
-        while True:
-            s, t = fs.readline(), ft.readline()
-            if not s and not t:
-                return
-            ln += 1
-            if not s or not t:
-                short = src if not s else tgt
-                raise _fail(short, ln, f"{src.name} and {tgt.name} have different line counts "
-                            f"({short.name} ends before line {ln})")
-            s, t = s.rstrip("\n"), t.rstrip("\n")
-            q = _check_question(s, src, ln)
-            t_stripped = t.strip()
-            if t_stripped.startswith("["):
-                answers = parse_answer_list(t_stripped, tgt, ln)
-            else:
-                answers = _check_answers(t.split("\t") if t_stripped else [], tgt, ln)
-            yield QARecord(q, answers, str(src), ln)
+    sources, targets = _lines(src), _lines(tgt)
+    ln = 0
+    while True:
+        s, t = next(sources, None), next(targets, None)
+        if s is None and t is None:
+            break
+        ln += 1
+        if s is None or t is None:
+            short = src if s is None else tgt
+            raise _fail(short, ln, f"{src.name} and {tgt.name} have different line counts "
+                        f"({short.name} ends before line {ln})")
+        s, t = s.rstrip("\r\n"), t.rstrip("\r\n")
+        q = _check_question(s, src, ln)
+        t_stripped = t.strip()
+        if t_stripped.startswith("["):
+            answers = parse_answer_list(t_stripped, tgt, ln)
+        else:
+            answers = _check_answers(t.split("\t") if t_stripped else [], tgt, ln)
+        yield QARecord(q, answers, str(src), ln)
+    if not ln:
+        raise _no_questions(src)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -174,7 +206,10 @@ def detect_format(path: str | os.PathLike) -> str:
         return "seq2seq"
     if name.endswith((".csv", ".tsv")):
         return "dpr_csv"
-    raise ValueError(f"{path}: cannot tell the QA format from the name; pass fmt= one of {FORMATS}")
+    if not Path(name).exists():
+        raise FileNotFoundError(f"{path}: no such file (nor {Path(name).name}.source + .target)")
+    raise ValueError(f"{path}: cannot tell the QA format from the name (.jsonl, .csv/.tsv, or X.source + "
+                     f"X.target); set it with --config.data.format (fmt= in Python), one of {FORMATS}")
 
 
 def read_qa(path: str | os.PathLike, fmt: str = "auto") -> Iterator[QARecord]:

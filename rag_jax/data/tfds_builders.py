@@ -100,9 +100,10 @@ def build_qa_dataset(
     """Builds (or reuses) the array_record dataset; returns its directory.
 
     ``files`` maps split names (``train``, ``validation``, ``test``...) to QA
-    files. Raises ``QAFormatError`` naming file and line on bad input; a failed
-    build leaves no dataset directory behind (TFDS writes to ``incomplete.*``
-    and renames at the end).
+    files. Raises ``QAFormatError`` naming file and line on bad input or an
+    empty file, before anything is written; a build that fails later leaves no
+    dataset directory behind (TFDS writes to ``incomplete.*`` and renames at
+    the end).
     """
     files = {str(k): str(v) for k, v in files.items()}
     if not files:
@@ -111,7 +112,12 @@ def build_qa_dataset(
         fmt_i = F.detect_format(path) if fmt == "auto" else fmt
         for p in (F.seq2seq_paths(path) if fmt_i == "seq2seq" else (Path(path),)):
             if not Path(p).exists():
-                raise FileNotFoundError(f"split {split!r}: {p} does not exist")
+                raise FileNotFoundError(f"{p}: no such file (split {split!r})")
+        # Parsed in full before TFDS makes any directory: a bad line, or an empty
+        # file (an empty split, which TFDS rejects with a traceback), fails here
+        # in one line with nothing written.
+        for _ in F.read_qa(path, fmt):
+            pass
     name = "qa_" + _fingerprint(files, fmt, pair_splits)
     config = QABuilderConfig(name=name, files=files, fmt=fmt, pair_splits=tuple(pair_splits))
     builder = RagQA(config=config, data_dir=str(data_dir), file_format="array_record")

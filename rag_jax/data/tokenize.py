@@ -178,22 +178,43 @@ def bart_bpe_from_files(vocab_json: str | os.PathLike, merges_txt: str | os.Path
     return tok
 
 
+def check_tokenizer_dir(path: str | os.PathLike, kind: str) -> None:
+    """Raises FileNotFoundError, naming the directory and the files it lacks,
+    unless ``path`` holds a ``kind`` (``"bert"`` / ``"bart"``) tokenizer."""
+    path = Path(path)
+    what = "BERT/DPR encoder" if kind == "bert" else "BART generator"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (expected a {what} checkpoint or tokenizer directory)")
+    if (path / "tokenizer.json").is_file():
+        return
+    if kind == "bert":
+        if (path / "vocab.txt").is_file():
+            return
+        wanted = "vocab.txt or tokenizer.json"
+    elif (path / "vocab.json").is_file():
+        if (path / "merges.txt").is_file():
+            return
+        wanted = "merges.txt next to vocab.json, or tokenizer.json"
+    else:
+        wanted = "vocab.json + merges.txt, or tokenizer.json"
+    raise FileNotFoundError(
+        f"{path}: no tokenizer files ({wanted}); a {what} directory must hold its tokenizer files "
+        "as HF save_pretrained writes them: copy them from the checkpoint the weights came from"
+    )
+
+
 def load_tokenizer(path: str | os.PathLike, kind: str) -> TextTokenizer:
-    """``kind`` is ``"bert"`` or ``"bart"``; raises FileNotFoundError if absent."""
+    """``kind`` is ``"bert"`` or ``"bart"``; raises FileNotFoundError if absent
+    (``check_tokenizer_dir``)."""
+    check_tokenizer_dir(path, kind)
     path = Path(path)
     if (path / "tokenizer.json").is_file():
         return TextTokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")), kind, str(path))
-    if kind == "bert" and (path / "vocab.txt").is_file():
+    if kind == "bert":
         lower = _tokenizer_config(path).get("do_lower_case", True)
         return TextTokenizer(bert_wordpiece_from_vocab(path / "vocab.txt", lowercase=lower), kind, str(path))
-    if kind == "bart" and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        prefix = bool(_tokenizer_config(path).get("add_prefix_space", False))
-        return TextTokenizer(bart_bpe_from_files(path / "vocab.json", path / "merges.txt", prefix), kind, str(path))
-    raise FileNotFoundError(
-        f"{path}: no {kind} tokenizer files (tokenizer.json, or "
-        + ("vocab.txt" if kind == "bert" else "vocab.json + merges.txt")
-        + ")"
-    )
+    prefix = bool(_tokenizer_config(path).get("add_prefix_space", False))
+    return TextTokenizer(bart_bpe_from_files(path / "vocab.json", path / "merges.txt", prefix), kind, str(path))
 
 
 def maybe_load_tokenizer(path: str | os.PathLike, kind: str) -> TextTokenizer | None:

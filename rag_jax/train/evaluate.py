@@ -16,7 +16,7 @@ from rag_jax.eval.monitor import CollapseMonitor
 from rag_jax.eval.qa import qa_metrics
 from rag_jax.eval.retrieval import answer_hits, gold_hits, top_k_accuracy
 from rag_jax.rag.model import RagModel
-from rag_jax.train.setup import build_models, make_task, restore_params
+from rag_jax.train.setup import build_models, check_inputs, make_task, restore_params
 from rag_jax.train.task import RagTask
 
 
@@ -117,9 +117,8 @@ def fmt_metrics(ev: dict[str, Any]) -> str:
 def evaluate_checkpoint(config: Any, workdir: str | os.PathLike, split: str = "test",
                         verbose: bool = True) -> dict[str, Any]:
     """EM/F1, recall@k and collapse statistics of the latest checkpoint on a split."""
+    check_inputs(config, required=(split,), trained_workdir=workdir)  # before tokenizers are trained into workdir
     file = {"dev": config.data.dev_file, "test": config.data.test_file}[split]
-    if not file:
-        raise ValueError(f"config.data.{split}_file is empty")
     models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
     params, step = restore_params(config, workdir, models)
     task = make_task(config, models)

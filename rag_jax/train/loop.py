@@ -23,7 +23,8 @@ from rag_jax.train.checkpointing import CheckpointManager, PreemptionFlag
 from rag_jax.train.evaluate import fmt_metrics, run_eval
 from rag_jax.train.logger import MetricLogger
 from rag_jax.train.optim import optimizer_from_config
-from rag_jax.train.setup import boxed_params, build_models, build_train_loader, global_batch_size, make_task
+from rag_jax.train.setup import (boxed_params, build_models, build_train_loader, check_inputs, global_batch_size,
+                                  make_task)
 from rag_jax.train.state import create_state, state_shardings
 from rag_jax.train.step import jit_train_step, make_train_step
 
@@ -50,6 +51,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     check_same_config(config)  # the launchers joined the processes (distributed.initialize)
     devices = list(devices or jax.devices())
     validate(config, len(devices))
+    check_inputs(config, need_index=retriever is None)  # before anything is written to workdir
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from rag_jax.data import qa_formats
 from rag_jax.data.pipeline import dataset_from_config, train_loader_from_config
-from rag_jax.data.tokenize import TextTokenizer, load_tokenizer
+from rag_jax.data.tokenize import TextTokenizer, check_tokenizer_dir, load_tokenizer
 from rag_jax.rag.settings import RagSettings
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder
@@ -34,6 +34,52 @@ class Models:
     params: dict[str, Any]  # {"question_encoder": ..., "generator": ...}, unboxed, host
     question_tokenizer: TextTokenizer
     generator_tokenizer: TextTokenizer
+
+
+def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index: bool = True,
+                 trained_workdir: str | os.PathLike | None = None) -> None:
+    """Fails on a missing, empty or malformed input before a run writes
+    anything (trained tokenizers, the TFDS dataset): parses every QA file of
+    ``config.data`` in full and checks that the directories the config names
+    exist. The splits in ``required`` must have a file; ``need_index`` is
+    False when the caller brings its own retriever; ``trained_workdir`` (for
+    evaluation) must hold a ``checkpoints`` directory."""
+    if trained_workdir is not None and not (Path(trained_workdir) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{Path(trained_workdir) / 'checkpoints'}: no such directory "
+                                "(not a training workdir: train into it first)")
+    d = config.data
+    for split in ("train", "dev", "test"):
+        field = f"config.data.{split}_file"
+        path = d.get(f"{split}_file", "")
+        if not path:
+            if split in required:
+                raise ValueError(f"{field} is empty: set --{field}=FILE "
+                                 "(.jsonl, DPR .csv/.tsv, or X for X.source + X.target)")
+            continue
+        kind = qa_formats.detect_format(path) if d.format == "auto" else d.format
+        for f in qa_formats.seq2seq_paths(path) if kind == "seq2seq" else (Path(path),):
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"{f}: no such file ({field})")
+        for _ in qa_formats.read_qa(path, d.format):  # raises on the first bad line, or on no questions
+            pass
+    dirs = [f"model.{k}" for k in ("question_encoder", "generator", "question_tokenizer", "generator_tokenizer")]
+    if need_index and not config.train.closed_book:
+        if not config.retrieval.index_dir:
+            raise ValueError("config.retrieval.index_dir is empty: set --config.retrieval.index_dir=DIR "
+                             "(made by rag-jax build-index), or --config.train.closed_book")
+        dirs.append("retrieval.index_dir")
+    for field in dirs:
+        section, key = field.split(".")
+        value = config[section].get(key, "")
+        if value and not Path(value).is_dir():
+            raise FileNotFoundError(f"{value}: no such directory (config.{field})")
+    # build_models loads these (or trains the missing ones into workdir) in turn.
+    m = config.model
+    for kind, tokenizer, model in (("bert", "question_tokenizer", "question_encoder"),
+                                   ("bart", "generator_tokenizer", "generator")):
+        path = m.get(tokenizer, "") or m[model]
+        if path:
+            check_tokenizer_dir(path, kind)
 
 
 def _train_question_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
