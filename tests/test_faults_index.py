@@ -262,3 +262,19 @@ def test_suspicious_passages_warn_with_count_and_lines(tmp_path, capsys):
     # The finished build, re-run with --strict, fails on what it had warned about.
     rc, _, err = _build([*args, "--strict"], capsys)
     assert rc == 2 and err == f"rag-jax build-index: error: {f}:3: empty passage text (--strict)\n"
+
+
+def test_switching_from_import_to_encoding_re_encodes(ctx_dir, tmp_path, capsys):
+    tsv = _tsv(tmp_path / "p.tsv", 37)
+    np.save(tmp_path / "v.npy", np.zeros((37, 16), np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"{i + 1}\n" for i in range(37)))
+    out = tmp_path / "idx"
+    # Fails after the import, at the index step: the imported store stays in the work dir.
+    rc, _, err = _build(["--passages", tsv, "--embeddings-npy", tmp_path / "v.npy", "--embeddings-ids",
+                         tmp_path / "ids.txt", "--out", out, "--no-brute-force", "--num-leaves", "99"], capsys)
+    assert rc == 2 and "num_leaves=99 must be between 1 and the 37 passages" in err
+    assert (tmp_path / "idx.work" / "embeddings" / "embeddings.json").is_file()
+    rc, log, err = _build(["--passages", tsv, "--encoder", ctx_dir, *ENCODE, "--out", out], capsys)
+    assert rc == 0, err
+    assert "reusing corpus store" in log and "re-encoding from scratch" in log and "no job.json" in log
+    assert np.abs(load_index(out).embeddings.to_array()).sum() > 0  # encoded, not the imported zeros

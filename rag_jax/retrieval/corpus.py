@@ -364,9 +364,8 @@ def file_fingerprint(path: str | os.PathLike, known: dict | None = None, progres
         return {**known, "path": os.path.abspath(path)}
     h = hashlib.sha256()
     # Only files big enough to take a while get a bar (rate and ETA).
-    bar = _progress(progress and st.st_size >= 1 << 26, f"hash {Path(path).name}", total=st.st_size, unit="B")
-    if bar is not None:
-        bar.unit_scale = True
+    bar = _progress(progress and st.st_size >= 1 << 26, f"hash {Path(path).name}", total=st.st_size, unit="B",
+                    unit_scale=True)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
             h.update(chunk)
@@ -604,12 +603,14 @@ def open_corpus(path: str | os.PathLike) -> Corpus:
     return Corpus(path)
 
 
-def _progress(enabled: bool, desc: str, total: int | None = None, unit: str = "it", initial: int = 0):
+def _progress(enabled: bool, desc: str, total: int | None = None, unit: str = "it", initial: int = 0,
+              unit_scale: bool = False):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True, smoothing=0.1,
+                unit_scale=unit_scale)
 
 
 __all__ = [

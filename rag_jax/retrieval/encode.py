@@ -279,7 +279,8 @@ def _other_job(out: Path, job: dict) -> str | None:
     """What differs between ``job`` and the one ``out`` was started for (None: same, or none yet)."""
     f = out / JOB_FILE
     if not f.is_file():
-        return None
+        # Files without a job.json (an imported store, say) are no run of this job to resume.
+        return "files that no encoding job wrote (no job.json)" if any(out.iterdir()) else None
     old = json.loads(f.read_text())
     diff = {k: (old.get(k), v) for k, v in job.items() if old.get(k) != v}
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) or None
