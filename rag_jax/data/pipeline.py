@@ -1,17 +1,18 @@
-"""grain input pipeline over the TFDS QA dataset: shuffled, sharded, resumable.
+"""grain input pipeline over the TFDS QA dataset: one global stream, read in
+slices by the processes, shuffled and resumable.
 
 Order of operations and why:
-  source -> shard (static, equal sizes) -> shuffle(seed) -> repeat -> batch
-* Sharding first, by stride, gives every process a disjoint slice; truncating
-  to equal sizes keeps all processes stepping in lock-step (a multi-host jit
-  step hangs if one host runs out of batches first).
-* grain's shuffle folds the epoch into the seed, so every epoch differs yet
-  the whole stream is a pure function of (seed, shard, position).
-* Batches have a fixed size (drop remainder) so the jitted step never
-  recompiles. Evaluation instead pads the final batch and marks the padding.
-The iterator's state is grain's (``{"next_index": n}``-like, JSON-safe); it is
-saved next to the model checkpoint and restoring it yields the same batches.
-Rows stay raw strings: tokenization belongs to the trainer.
+  row indices -> shuffle(seed) -> repeat -> batch(global batch) -> this process's rows -> read
+* The stream of global batches is a pure function of (seed, position): the
+  examples of step s are the same set whatever the number of processes and
+  devices. Each process reads only the rows of each global batch that its
+  devices hold (``rows``), so a run reproduces across topologies and a
+  checkpoint resumes on another process count.
+* grain's shuffle folds the epoch into the seed, so every epoch differs.
+* Batches have a fixed size (drop remainder) so the jitted step never recompiles.
+The iterator's state is grain's (``{"next_index": n}``-like, JSON-safe) and the
+same on every process; it is saved next to the model checkpoint and restoring
+it yields the same batches. Rows stay raw strings: tokenization belongs to the trainer.
 """
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "answer": [r["answer"] for r in rows],
         "answers": [list(r["answers"]) for r in rows],
         "qid": np.asarray([r["qid"] for r in rows], np.int64),
-        "mask": np.asarray([r.get("valid", True) for r in rows], bool),
     }
 
 
@@ -55,18 +55,6 @@ def process_shard() -> tuple[int, int]:
     import jax
 
     return jax.process_index(), jax.process_count()
-
-
-def shard_dataset(ds: grain.MapDataset, index: int, count: int, equal: bool = True) -> grain.MapDataset:
-    if not 0 <= index < count:
-        raise ValueError(f"shard index {index} outside [0, {count})")
-    n = len(ds)
-    if equal:
-        per = n // count
-        if per == 0:
-            raise ValueError(f"{n} rows cannot feed {count} processes (need at least one row each)")
-        return ds[index : per * count : count]
-    return ds[index::count]
 
 
 class QALoader:
@@ -103,63 +91,58 @@ class QALoader:
         if "grain" not in state:
             raise ValueError(f"not a QALoader state: keys {sorted(state)}")
         saved = state.get("pipeline")
-        if saved is not None and json.loads(json.dumps(saved)) != json.loads(json.dumps(self.description)):
+        if saved is not None and _canonical(saved) != self.description:
             raise ValueError(f"data state was saved by a different pipeline: saved {saved}, now {self.description}")
         self._it = iter(self._iter_ds)
         self._it.set_state(dict(state["grain"]))
 
 
+def _canonical(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved description in today's form. States written before the global
+    stream (one process, per-process ``batch_size``, ``shard`` [0, 1]) describe
+    the same stream as a global batch of that size."""
+    desc = json.loads(json.dumps(dict(desc)))
+    if "batch_size" in desc and desc.get("shard") == [0, 1] and desc.get("drop_remainder", True):
+        desc = {"rows": desc["rows"], "global_batch": desc["batch_size"], "seed": desc["seed"],
+                "shuffle": desc["shuffle"], "num_epochs": desc["num_epochs"]}
+    return desc
+
+
 def make_loader(
     source: Any,
-    batch_size: int,
+    global_batch: int,
     *,
+    rows: Sequence[int] | None = None,
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    drop_remainder: bool = True,
     num_threads: int = 2,
 ) -> QALoader:
-    """Batches of QA rows from a random-access ``source`` (TFDS data source or list).
-
-    ``batch_size`` is per process. ``num_epochs=None`` repeats forever
-    (training); evaluation passes ``num_epochs=1, shuffle=False,
-    drop_remainder=False``, which pads the last batch (``mask`` False on pads).
-    Shard defaults come from ``jax.process_index()/process_count()``.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not drop_remainder and num_epochs != 1:
-        raise ValueError("padded batches (drop_remainder=False) are for one evaluation pass: set num_epochs=1")
-    if shard_index is None or shard_count is None:
-        shard_index, shard_count = process_shard()
+    """Global batches of QA rows from a random-access ``source`` (TFDS data
+    source or list), of which this process reads positions ``rows`` (default:
+    all, the single-process case). ``num_epochs=None`` repeats forever."""
+    if global_batch <= 0:
+        raise ValueError(f"global batch must be positive, got {global_batch}")
+    take = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
+    if take.size == 0 or take.min() < 0 or take.max() >= global_batch:
+        raise ValueError(f"rows {take.tolist()} are not positions in a global batch of {global_batch}")
+    n_rows = len(source)
+    if n_rows < global_batch:
+        raise ValueError(f"{n_rows} rows cannot fill one global batch of {global_batch}")
     # The pipeline runs over row *indices*; rows are fetched one batch at a
     # time with the source's batched read (``__getitems__``), about 3x faster
     # than row-by-row reads of a TFDS array_record source.
-    ds = shard_dataset(grain.MapDataset.range(len(source)), shard_index, shard_count, equal=drop_remainder)
-    n_rows = len(ds)
+    ds = grain.MapDataset.range(n_rows)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs is None:
         ds = ds.repeat(None)
     elif num_epochs > 1:
         ds = ds.repeat(num_epochs)
-    if drop_remainder:
-        if n_rows < batch_size and num_epochs is not None:
-            raise ValueError(f"{n_rows} rows per process cannot fill one batch of {batch_size}")
-        ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_index_batch)
-    else:
-        # Every process gets as many batches as the largest shard needs, so
-        # sharded eval programs stay in lock-step across hosts.
-        longest = -(-len(source) // shard_count)
-        ds = _padded_index_batches(ds, batch_size, -(-longest // batch_size))
-    ds = ds.map(lambda idx: _read_batch(source, idx))
-    desc = {
-        "rows": n_rows, "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-        "num_epochs": num_epochs, "shard": [shard_index, shard_count],
-        "drop_remainder": drop_remainder,
-    }
+    ds = ds.batch(global_batch, drop_remainder=True, batch_fn=_index_batch)
+    ds = ds.map(lambda idx: _read_batch(source, idx[take]))
+    desc = {"rows": n_rows, "global_batch": global_batch, "seed": seed, "shuffle": shuffle,
+            "num_epochs": num_epochs}
     return QALoader(ds, num_threads, desc)
 
 
@@ -167,32 +150,18 @@ def _index_batch(items: Sequence[int]) -> np.ndarray:
     return np.asarray(items, np.int64)
 
 
-def _padded_index_batches(ds: grain.MapDataset, batch_size: int, n_batches: int) -> grain.MapDataset:
-    n = len(ds)
-
-    def get(i: int) -> np.ndarray:
-        # -1 marks a padding slot.
-        return np.asarray([ds[j] if j < n else -1 for j in range(i * batch_size, (i + 1) * batch_size)], np.int64)
-
-    return grain.MapDataset.range(n_batches).map(get)
-
-
-_PAD_ROW = {"question": "", "answer": "", "answers": [], "qid": -1, "valid": False}
-
-
 def _read_batch(source: Any, idx: np.ndarray) -> dict[str, Any]:
-    real = [int(i) for i in idx if i >= 0]
+    idx = [int(i) for i in idx]
     getitems = getattr(source, "__getitems__", None)
-    raw = list(getitems(real)) if getitems is not None and real else [source[i] for i in real]
-    rows = iter(decode_row(r) for r in raw)
-    return collate([next(rows) if i >= 0 else _PAD_ROW for i in idx])
+    raw = list(getitems(idx)) if getitems is not None else [source[i] for i in idx]
+    return collate([decode_row(r) for r in raw])
 
 
 def qa_loader_from_dir(
-    dataset_dir: str | os.PathLike, split: str, batch_size: int, **kw: Any
+    dataset_dir: str | os.PathLike, split: str, global_batch: int, **kw: Any
 ) -> QALoader:
     """``make_loader`` over a split of a dataset built by ``build_qa_dataset``."""
-    return make_loader(tfds_builders.open_split(dataset_dir, split), batch_size, **kw)
+    return make_loader(tfds_builders.open_split(dataset_dir, split), global_batch, **kw)
 
 
 # ------------------------------------------------------------- from config
@@ -227,12 +196,15 @@ def dataset_from_config(cfg: Any, workdir: str | os.PathLike) -> "os.PathLike":
     return path if path is not None else build()
 
 
-def train_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, global_batch: int) -> QALoader:
-    """Endless shuffled training batches of ``global_batch / process_count`` rows."""
-    index, count = process_shard()
-    if global_batch % count:
-        raise ValueError(f"global batch {global_batch} not divisible by {count} processes")
-    return qa_loader_from_dir(
-        dataset_dir, "train", global_batch // count, seed=cfg.train.seed, shuffle=True,
-        num_epochs=None, shard_index=index, shard_count=count, num_threads=cfg.data.num_threads,
-    )
+def train_loader_from_config(cfg: Any, dataset_dir: str | os.PathLike, global_batch: int,
+                             rows: Sequence[int] | None = None) -> QALoader:
+    """Endless shuffled training batches: positions ``rows`` of each global
+    batch (default: this process's contiguous share of it)."""
+    if rows is None:
+        index, count = process_shard()
+        if global_batch % count:
+            raise ValueError(f"global batch {global_batch} not divisible by {count} processes")
+        per = global_batch // count
+        rows = range(index * per, (index + 1) * per)
+    return qa_loader_from_dir(dataset_dir, "train", global_batch, rows=rows, seed=cfg.train.seed, shuffle=True,
+                              num_epochs=None, num_threads=cfg.data.num_threads)

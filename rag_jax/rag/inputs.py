@@ -5,7 +5,7 @@ does (``context_string``)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -91,6 +91,7 @@ def retrieve_contexts(
     generator_tokenizer: TextTokenizer | None = None,
     max_combined_length: int = _DEFAULT.max_combined_length,
     settings: RagSettings = _DEFAULT,
+    embed: Callable[..., np.ndarray] | None = None,
 ) -> RetrievedContexts:
     """Tokenizes the questions, embeds them with the jitted question encoder
     (``question_params``), retrieves ``n_docs`` passages each from
@@ -100,7 +101,9 @@ def retrieve_contexts(
 
     ``settings.title_sep``, ``settings.doc_sep`` and ``settings.prefix`` format
     the context strings; its ``n_docs`` and ``max_combined_length`` are not
-    read (callers decide which defaults apply).
+    read (callers decide which defaults apply). ``embed`` replaces the jitted
+    embedding (``(params, ids, mask, token_types) -> [B, D]``; multi-process
+    training runs it as one program over the global batch).
     """
     questions = [str(q) for q in questions]
     for i, q in enumerate(questions):
@@ -128,7 +131,7 @@ def retrieve_contexts(
             titles=[[""] for _ in range(b)],
             texts=[[""] for _ in range(b)],
         )
-    vectors = np.asarray(question_embedder(question_config)(
+    vectors = np.asarray((embed or question_embedder(question_config))(
         question_params, q["input_ids"], q["attention_mask"], q["token_type_ids"]
     ))
     got = retriever.retrieve(vectors, n_docs)

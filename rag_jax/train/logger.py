@@ -1,25 +1,41 @@
-"""Console + TensorBoard metrics for training and evaluation."""
+"""Console, TensorBoard and ``metrics.jsonl`` metrics for training and evaluation.
+
+``workdir/metrics.jsonl`` holds one JSON object per logged training step
+(``{"step", "loss", "grad_norm", "lr", "step_time_s", ...}``) and one per
+evaluation (with ``"split"``), appended as they happen: scripts and tests read
+losses from it, not from the console. Only one process of a run writes (the
+loop passes ``write_files`` on process 0 alone).
+"""
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from typing import Mapping
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class MetricLogger:
-    """Writes scalars to TensorBoard event files under ``workdir/tb`` and prints
-    a one-line summary with step time, examples/s and ETA."""
+    """Writes scalars to TensorBoard event files under ``workdir/tb`` and to
+    ``workdir/metrics.jsonl``, and prints a one-line summary with step time,
+    examples/s and ETA."""
 
-    def __init__(self, workdir: str | os.PathLike, total_steps: int, examples_per_step: int, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, total_steps: int, examples_per_step: int, enabled: bool = True,
+                 write_files: bool = True):
         self.total_steps = total_steps
         self.examples_per_step = examples_per_step
         self.enabled = enabled
         self._writer = None
-        if enabled:
+        self._jsonl = None
+        if write_files:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(os.path.join(os.fspath(workdir), "tb"))
+            # Appended: a resumed run continues the same file (a step logged
+            # twice across a crash appears twice; readers keep the last).
+            self._jsonl = open(os.path.join(os.fspath(workdir), METRICS_FILE), "a", encoding="utf-8")
         self._t_last: float | None = None
         self._step_last: int | None = None
 
@@ -29,6 +45,11 @@ class MetricLogger:
                 if v is not None and math.isfinite(float(v)):
                     self._writer.add_scalar(f"{prefix}/{k}", float(v), step)
             self._writer.flush()
+        if self._jsonl is not None:
+            record = {"step": int(step), **({} if prefix == "train" else {"split": prefix}),
+                      **{k: _json_number(v) for k, v in metrics.items()}}
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
 
     def log_train(self, step: int, metrics: Mapping[str, float]) -> str:
         now = time.perf_counter()
@@ -53,6 +74,13 @@ class MetricLogger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _json_number(v: float | None) -> float | None:
+    # JSON has no NaN/Inf: write null rather than an invalid file.
+    return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
 def _fmt(seconds: float | None) -> str:

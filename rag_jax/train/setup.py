@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -205,15 +205,17 @@ def global_batch_size(config: Any, num_devices: int) -> int:
     return gb
 
 
-def build_train_loader(config: Any, workdir: str | os.PathLike, global_batch: int) -> Any:
-    """Endless shuffled training batches, this process's slice of each global batch.
+def build_train_loader(config: Any, workdir: str | os.PathLike, global_batch: int,
+                       positions: Sequence[int] | None = None) -> Any:
+    """Endless shuffled training batches: positions ``positions`` of each
+    global batch, the rows this process's devices hold (default: all).
 
     The TFDS dataset is built once for every process (``dataset_from_config``
     holds the others at a barrier while process 0 writes it).
     """
     if not config.data.train_file:
         raise ValueError("config.data.train_file is empty")
-    return train_loader_from_config(config, dataset_from_config(config, workdir), global_batch)
+    return train_loader_from_config(config, dataset_from_config(config, workdir), global_batch, positions)
 
 
 def restore_params(config: Any, workdir: str | os.PathLike, models: Models) -> tuple[Any, int]:

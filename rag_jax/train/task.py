@@ -11,7 +11,7 @@ with one "document" that is the question itself and a zero document vector.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,9 @@ class RagTask:
     exclude_bos_score: bool = False
     closed_book: bool = False
     freeze_question_encoder: bool = False
+    # (params, ids, mask, token types) -> [B, D] host embeddings of this
+    # process's questions; None: the jitted single-program embedder.
+    embed_questions: Callable[..., np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -57,7 +60,7 @@ class RagTask:
             question_tokenizer=self.question_tokenizer, retriever=None if self.closed_book else self.retriever,
             n_docs=n_docs or self.n_docs, max_question_length=self.max_question_length,
             generator_tokenizer=self.generator_tokenizer, max_combined_length=self.max_combined_length,
-            settings=self.config.rag,
+            settings=self.config.rag, embed=self.embed_questions,
         )
 
     def train_batch(self, question_params: Any, questions: Sequence[str], answers: Sequence[str]) -> dict[str, np.ndarray]:
