@@ -278,3 +278,17 @@ def test_switching_from_import_to_encoding_re_encodes(ctx_dir, tmp_path, capsys)
     assert rc == 0, err
     assert "reusing corpus store" in log and "re-encoding from scratch" in log and "no job.json" in log
     assert np.abs(load_index(out).embeddings.to_array()).sum() > 0  # encoded, not the imported zeros
+
+
+def test_corpus_directory_input_is_copied_and_rerun_recognised(tmp_path, capsys):
+    from rag_jax.retrieval.corpus import build_corpus
+
+    corpus = build_corpus(_tsv(tmp_path / "p.tsv", 20), tmp_path / "corpus", progress=False)
+    np.save(tmp_path / "v.npy", np.random.default_rng(3).standard_normal((20, 4)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("".join(f"{i + 1}\n" for i in range(20)))
+    args = ["--corpus", tmp_path / "corpus", "--embeddings-npy", tmp_path / "v.npy", "--embeddings-ids",
+            tmp_path / "ids.txt", "--out", tmp_path / "idx", "--index-type", "exact"]
+    assert _build(args, capsys)[0] == 0
+    assert load_index(tmp_path / "idx").corpus.checksum == corpus.checksum and (tmp_path / "corpus").is_dir()
+    rc, log, _ = _build(args, capsys)
+    assert rc == 0 and "nothing to do" in log

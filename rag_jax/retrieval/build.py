@@ -150,7 +150,10 @@ def _clean_leftovers(out: Path, work: Path) -> None:
     for p in work.iterdir():
         if p.name not in _WORK_ENTRIES:  # half-written stores, an import's scratch matrix
             _say(f"removing leftover {p}")
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     for p in (work / "embeddings").glob("*.partial"):
         p.unlink()
 
@@ -349,6 +352,7 @@ def _build_locked(
     if imported is None:
         t = time.perf_counter()
         before = _mtime(edir / STORE_MANIFEST)
+        resumed = any(edir.glob("shard-*.npy"))
         store = encode_corpus(
             store_corpus, loaded, edir, encoder_fingerprint=encoder_fp, dtype=dtype, progress=progress,
             on_other_job=lambda why: _say(f"re-encoding from scratch: {edir} holds another job ({why})"),
@@ -357,9 +361,11 @@ def _build_locked(
         dt = time.perf_counter() - t
         if before is not None and before == _mtime(edir / STORE_MANIFEST):
             _say(f"reusing embedding store {edir} ({store.count} x {store.dim})")
+        elif resumed:  # shards of an earlier run were kept (or dropped, if another job: logged above)
+            _say(f"embeddings of {len(store_corpus)} passages ready in {dt:.1f}s")
         else:
             _say(f"encoded {len(store_corpus)} passages in {dt:.1f}s "
-                 f"({len(store_corpus) / max(dt, 1e-9):.1f} passages/s, shards already done included)")
+                 f"({len(store_corpus) / max(dt, 1e-9):.1f} passages/s)")
     else:
         why = _import_reuse(edir, store_corpus, imported, dtype, encoder_fp)
         if why is None:
