@@ -29,10 +29,12 @@ def main(argv):
     # Before any other jax use; config.multihost=True auto-detects TPU pod slices and SLURM.
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                multihost=_CONFIG.value.get("multihost", False))
+    import jax
     from rag_jax.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+    if jax.process_index() == 0:  # one process of a multi-process run prints
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
 
 
 if __name__ == "__main__":

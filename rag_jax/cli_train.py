@@ -61,18 +61,22 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     config = load_config_and_join(args)
+    import jax
     from rag_jax.train.loop import train_and_evaluate
 
     out = train_and_evaluate(config, args.workdir)
     summary = {k: {m: v for m, v in out[k].items() if not isinstance(v, list)} for k in ("dev", "test") if k in out}
-    print(json.dumps(summary, indent=2))
+    if jax.process_index() == 0:  # one process of a multi-process run prints
+        print(json.dumps(summary, indent=2))
     return 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     config = load_config_and_join(args)
+    import jax
     from rag_jax.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(config, args.workdir, args.split)
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
     return 0
