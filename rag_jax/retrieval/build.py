@@ -35,6 +35,7 @@ from rag_jax.encoder import load_encoder
 from rag_jax.retrieval.corpus import (
     MANIFEST as CORPUS_MANIFEST,
     Corpus,
+    CorpusError,
     build_corpus,
     commit_dir,
     content_change,
@@ -158,11 +159,27 @@ def _clean_leftovers(out: Path, work: Path) -> None:
         p.unlink()
 
 
-def _passages_reuse(cdir: Path, fingerprint: dict, split_words: int | None) -> tuple[Corpus | None, str]:
-    """The work dir's corpus store if made from the same passages, else (None, why not)."""
+def _open_corpus(cdir: Path) -> tuple[Corpus | None, str]:
+    """The corpus store in ``cdir``, or (None, why it cannot be used: "" when there is none)."""
     if not (cdir / CORPUS_MANIFEST).is_file():
         return None, ""
-    old = Corpus(cdir)
+    try:
+        return Corpus(cdir), ""
+    except CorpusError as e:  # another version's format, say: rebuilt, never a dead end
+        return None, str(e)
+
+
+def _drop_staged_index(work: Path) -> None:
+    """Forgets a finished searcher in the work dir: its inputs are about to be rebuilt."""
+    (work / INDEX_MANIFEST).unlink(missing_ok=True)  # first: it is what marks the work dir complete
+    shutil.rmtree(work / "scann", ignore_errors=True)
+
+
+def _passages_reuse(cdir: Path, fingerprint: dict, split_words: int | None) -> tuple[Corpus | None, str]:
+    """The work dir's corpus store if made from the same passages, else (None, why not)."""
+    old, why = _open_corpus(cdir)
+    if old is None:
+        return None, why
     had = old.manifest.get("source_fingerprint")
     if not had:
         return None, f"{cdir} records no fingerprint of its passages file"
@@ -322,10 +339,12 @@ def _build_locked(
     # --- corpus store
     cdir = work / "corpus"
     if given_corpus is not None:
-        if (cdir / CORPUS_MANIFEST).is_file() and Corpus(cdir).checksum == given_corpus.checksum:
-            store_corpus = Corpus(cdir)
+        copy, _ = _open_corpus(cdir)
+        if copy is not None and copy.checksum == given_corpus.checksum:
+            store_corpus = copy
             _say(f"reusing the copy of corpus {corpus} ({len(store_corpus)} passages)")
         else:
+            _drop_staged_index(work)
             shutil.rmtree(cdir, ignore_errors=True)
             # The index carries its corpus; copy under another name so a kill leaves no half copy named corpus/.
             shutil.copytree(given_corpus.path, work / ".corpus.copy")
@@ -338,6 +357,7 @@ def _build_locked(
         else:
             if why:
                 _say(f"rebuilding the corpus store: {why}")
+            _drop_staged_index(work)
             shutil.rmtree(cdir, ignore_errors=True)
             t = time.perf_counter()
             store_corpus = build_corpus(passages, cdir, split_words=split_words, progress=progress, strict=strict,
@@ -353,10 +373,14 @@ def _build_locked(
         t = time.perf_counter()
         before = _mtime(edir / STORE_MANIFEST)
         resumed = any(edir.glob("shard-*.npy"))
+
+        def restart(why: str) -> None:
+            _say(f"re-encoding from scratch: {edir} holds another job ({why})")
+            _drop_staged_index(work)
+
         store = encode_corpus(
             store_corpus, loaded, edir, encoder_fingerprint=encoder_fp, dtype=dtype, progress=progress,
-            on_other_job=lambda why: _say(f"re-encoding from scratch: {edir} holds another job ({why})"),
-            **encode_options,
+            on_other_job=restart, **encode_options,
         )
         dt = time.perf_counter() - t
         if before is not None and before == _mtime(edir / STORE_MANIFEST):
@@ -374,6 +398,7 @@ def _build_locked(
         else:
             if why:
                 _say(f"importing again: {why}")
+            _drop_staged_index(work)
             shutil.rmtree(edir, ignore_errors=True)
             store = import_embeddings(
                 store_corpus, edir, dpr_pickles=embeddings_pkl, npy=embeddings_npy, ids=embeddings_ids,
@@ -386,13 +411,12 @@ def _build_locked(
     # --- searcher and manifest, then the commit
     t = time.perf_counter()
     staged = _read_json(work / INDEX_MANIFEST)
-    if staged and _content(staged.get("build")) == _content(record):
+    if (staged and _content(staged.get("build")) == _content(record)
+            and (staged.get("corpus_checksum"), staged.get("count")) == (store_corpus.checksum, store.count)):
         manifest = staged  # finished before a kill that came ahead of the commit
         _say(f"reusing the finished index in {work}")
     else:
-        # Manifest first: a kill while scann/ is rebuilt must not leave a complete-looking work dir.
-        (work / INDEX_MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(work / "scann", ignore_errors=True)
+        _drop_staged_index(work)
         params = _scann_params(store.count, index_type, scann_overrides)
         manifest = write_index_files(work, index_type, encoder_fp, store_corpus.checksum, params,
                                      extra={"build": record})
