@@ -88,7 +88,7 @@ def run_reporting_errors(fn: Callable[[], int | None], prog: str, *, debug: bool
     every error propagates with its full traceback."""
     try:
         return int(fn() or 0)
-    except Exception as e:  # noqa: BLE001 - re-raised below unless it is a user error
+    except Exception as e:  # re-raised below unless it is a user error
         message = None if debug else user_message(e)
         if message is None:
             raise

@@ -44,9 +44,6 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
     exist. The splits in ``required`` must have a file; ``need_index`` is
     False when the caller brings its own retriever; ``trained_workdir`` (for
     evaluation) must hold a ``checkpoints`` directory."""
-    if trained_workdir is not None and not (Path(trained_workdir) / "checkpoints").is_dir():
-        raise FileNotFoundError(f"{Path(trained_workdir) / 'checkpoints'}: no such directory "
-                                "(not a training workdir: train into it first)")
     d = config.data
     for split in ("train", "dev", "test"):
         field = f"config.data.{split}_file"
@@ -80,6 +77,9 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
         path = m.get(tokenizer, "") or m[model]
         if path:
             check_tokenizer_dir(path, kind)
+    if trained_workdir is not None and not (Path(trained_workdir) / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{Path(trained_workdir) / 'checkpoints'}: no such directory "
+                                "(not a training workdir: train into it first)")
 
 
 def _train_question_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
