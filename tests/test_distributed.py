@@ -206,6 +206,19 @@ def test_cli_rejects_a_bad_process_id_in_one_line(no_distributed_env, tmp_path, 
     assert err.splitlines() == ["rag-jax train: error: process_id=7 is outside [0, 2) for num_processes=2"]
 
 
+def test_multihost_outside_a_cluster_is_one_line(tmp_path):
+    """config.multihost=True with nothing to detect: jax's complaint, named, in one line (a subprocess:
+    jax.distributed.initialize refuses to run once this process's backend is up)."""
+    out = subprocess.run([sys.executable, "-m", "rag_jax.cli", "train", "--config", str(ROOT / "configs" / "tiny.py"),
+                          "--workdir", str(tmp_path), "--config.multihost=True"],
+                         env=_env(devices=1), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "rag-jax train: error: config.multihost=True but jax detected no TPU pod slice, SLURM or Open MPI job "
+        "(coordinator_address should be defined.); pass --coordinator_address, --num_processes and --process_id"
+    ]
+
+
 # -- launch/local_cluster.py ---------------------------------------------------
 
 def test_local_cluster_starts_prefixed_processes(tmp_path):

@@ -130,7 +130,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                 _join(None, None, None, timeout_s, deadline)
             except ValueError as e:  # jax: "coordinator_address should be defined." and the like
                 raise ValueError(
-                    f"config.multihost=True but no TPU pod slice, SLURM or Open MPI job was detected ({e}); "
+                    f"config.multihost=True but jax detected no TPU pod slice, SLURM or Open MPI job ({e}); "
                     "pass --coordinator_address, --num_processes and --process_id"
                 ) from None
         return
