@@ -10,24 +10,181 @@ checkpoint; ``all_steps`` below additionally skips anything orbax does not
 list as finalized. Saving is asynchronous: device arrays are copied to host
 before ``save`` returns, files are written in the background; ``wait()``
 blocks until the last save is committed.
+
+Integrity: orbax checks no data bytes (a flipped byte in an array file loads
+as a wrong value), so once a step is committed (at the next ``save``,
+``wait`` or ``close``) process 0 writes ``MANIFEST`` into it: the size and
+sha256 of every file. ``restore``/``resume`` take the newest step whose files
+all match it and say which newer steps were skipped and why; ``resume``, for
+the run that owns the directory, also moves those into ``corrupt/`` (never
+deleted) so orbax no longer lists them and their step numbers can be saved
+again. Process 0 decides and broadcasts, so every process restores the same
+step.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
 import logging
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Concatenate, Iterator, Mapping, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from rag_jax.retrieval.lock import LockedError, WriterLock
 
 log = logging.getLogger(__name__)
 
 _STATE, _DATA = "state", "data"
+# Written by orbax when it finalizes a step: without it the save never finished.
+_ORBAX_METADATA = "_CHECKPOINT_METADATA"
+# Our per-step file list with sizes and sha256 digests, written after the commit.
+MANIFEST = "_RAG_JAX_MANIFEST.json"
+_MANIFEST_TMP = MANIFEST + ".tmp"
+# Damaged steps go to <checkpoints>/corrupt/<step>-<reason>; orbax ignores it
+# (not a step number) and nothing here deletes it.
+CORRUPT_DIR = "corrupt"
+# Hashing threads: hashlib releases the GIL on large buffers, and a sharded
+# checkpoint has many array files.
+_HASH_THREADS = 8
+# _pick's answers besides a step number (broadcast as int32 between processes).
+_NO_STEPS, _NONE_VERIFIED = -2, -1
+
+# Exit status of a run stopped by SIGTERM after saving its state (see
+# ``train_and_evaluate``'s ``results["preempted"]``): EX_TEMPFAIL from
+# sysexits.h, "temporary failure, retry later". Distinct from 0 (finished),
+# 1 (crash), 2 (bad input) and 128+N (killed by signal N, nothing saved), so
+# a scheduler wrapper can requeue on it, e.g. SLURM's
+# ``[ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID``.
+PREEMPTED_EXIT_CODE = 75
+
+
+class CheckpointIntegrityError(ValueError):
+    """Checkpoints exist but none can be trusted; the message names the directory.
+    A ValueError so the CLI's error boundary prints it as one line."""
+
+
+def _hash_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_files(root: Path, names: list[str]) -> list[str]:
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        return list(pool.map(lambda name: _hash_file(root / name), names))
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Records size and sha256 of every file under ``step_dir`` in ``MANIFEST``.
+
+    Written to a temporary name and renamed, so a manifest is either whole or
+    absent (a step without one is treated as unfinished).
+    """
+    names = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                   if p.is_file() and p.name not in (MANIFEST, _MANIFEST_TMP))
+    digests = _hash_files(step_dir, names)
+    files = {n: {"size": (step_dir / n).stat().st_size, "sha256": d} for n, d in zip(names, digests)}
+    tmp = step_dir / _MANIFEST_TMP
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"algorithm": "sha256", "files": files}, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def step_damage(step_dir: Path) -> tuple[str, str] | None:
+    """None when every file of ``step_dir`` matches its manifest, else
+    (short tag for a directory name, one-line reason)."""
+    if not (step_dir / _ORBAX_METADATA).is_file():
+        return "unfinished", f"no {_ORBAX_METADATA} (its save never finished)"
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+        wanted = {str(n): (int(e["size"]), str(e["sha256"])) for n, e in files.items()}
+    except FileNotFoundError:
+        return "no-manifest", f"no {MANIFEST} (the run stopped before recording its checksums)"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "bad-manifest", f"{MANIFEST} is unreadable"
+    names = sorted(wanted)
+    # Sizes first: cheap, and they name a truncated or emptied file precisely.
+    for name in names:
+        path = step_dir / name
+        if not path.is_file():
+            return "missing-file", f"{name} is missing"
+        size = path.stat().st_size
+        if size != wanted[name][0]:
+            return "size-mismatch", f"{name} has {size} bytes, {wanted[name][0]} were written"
+    for name, digest in zip(names, _hash_files(step_dir, names)):
+        if digest != wanted[name][1]:
+            return "checksum-mismatch", f"{name} does not match its recorded sha256"
+    return None
+
+
+def _process() -> tuple[int, int]:
+    """(index, count) of this process; (0, 1) before ``jax.distributed`` is
+    up, without touching jax's backends (which would make a later
+    ``jax.distributed.initialize`` fail)."""
+    if not jax.distributed.is_initialized():
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+    """Holds ``workdir/.lock`` (pid and host of the holder) for one training run.
+
+    Process 0 takes it and tells the others whether it could; all of them
+    raise the same ``LockedError`` otherwise. A lock left by a dead process on
+    this host is taken over with a warning (see ``rag_jax.retrieval.lock``).
+    """
+    index, count = _process()
+    lock = WriterLock(Path(workdir) / ".lock", f"training in {workdir}")
+    refused: LockedError | None = None
+    if index == 0:
+        try:
+            lock.acquire()
+        except LockedError as e:
+            refused = e
+        if lock.took_over:
+            log.warning("%s", lock.took_over)
+    held = refused is None
+    if count > 1:
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
+    if refused is not None:
+        raise refused
+    if not held:
+        raise LockedError(f"{Path(workdir) / '.lock'}: held by another run (process 0 names it)")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def holding_workdir_lock(
+    fn: Callable[Concatenate[Any, str | os.PathLike, _P], _R],
+) -> Callable[Concatenate[Any, str | os.PathLike, _P], _R]:
+    """Decorates ``fn(config, workdir, ...)`` to run inside ``workdir_lock(workdir)``:
+    one writer per workdir, released however ``fn`` ends."""
+
+    @functools.wraps(fn)
+    def run(config: Any, workdir: str | os.PathLike, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with workdir_lock(workdir):
+            return fn(config, workdir, *args, **kwargs)
+
+    return run
 
 
 def _is_key(x: Any) -> bool:
@@ -75,9 +232,10 @@ class CheckpointManager:
 
     ``save(step, state, data_state)`` saves when ``step`` is a multiple of
     ``every`` (or ``force``); returns whether a save started.
-    ``restore(target=...)`` brings the latest (or given) step back; with a
-    target whose leaves carry ``.sharding`` (concrete arrays or
+    ``restore(target=...)`` brings the newest verified (or given) step back;
+    with a target whose leaves carry ``.sharding`` (concrete arrays or
     ``jax.ShapeDtypeStruct``s), arrays come back with those shardings.
+    ``resume`` is ``restore`` for the directory's writer (see the module doc).
     """
 
     def __init__(
@@ -94,7 +252,10 @@ class CheckpointManager:
             raise ValueError(f"checkpoint keep must be positive or None, got {keep}")
         self.directory = Path(directory).absolute()
         self.every = int(every)
+        self._async = async_save
         self._started: set[int] = set()
+        # Steps whose save started but whose manifest is not written yet.
+        self._unsealed: list[int] = []
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
             max_to_keep=keep,
@@ -133,27 +294,127 @@ class CheckpointManager:
             _STATE: ocp.args.StandardSave(_keys_to_data(state)),
             _DATA: ocp.args.JsonSave(dict(data_state or {})),
         })
+        # Orbax would wait for the previous save here anyway; waiting first
+        # lets its manifest be written before the next save starts.
+        self._seal()
         # The interval is decided above; orbax's own policy would also save
         # the very first step and skip steps while an async save is running.
         saved = self._mngr.save(step, args=args, force=True)
         if saved:
             self._started.add(step)
+            self._unsealed.append(step)
             log.info("checkpoint step %d started (%s)", step, self.directory)
+            if not self._async:
+                self._seal()
         return bool(saved)
+
+    def _seal(self) -> None:
+        """Waits for pending saves; then process 0 writes each committed step's manifest.
+
+        Orbax's finalization includes a barrier across processes, so once it
+        returns on process 0 every process's files of the step are in place.
+        """
+        self._mngr.wait_until_finished()
+        if _process()[0] == 0:
+            for step in self._unsealed:
+                step_dir = self.directory / str(step)
+                # keep-N may already have deleted it; a failed save never finalized it.
+                if (step_dir / _ORBAX_METADATA).is_file():
+                    write_manifest(step_dir)
+        self._unsealed.clear()
 
     # ------------------------------------------------------------- restore
     def restore(self, step: int | None = None, target: Any | None = None) -> tuple[Any, dict[str, Any], int]:
-        """(state, data_state, step) of ``step`` or the latest finished one.
+        """(state, data_state, step) of ``step`` or of the newest step that verifies.
 
         Without ``target`` the state comes back as saved (nested dicts of
         arrays); with it, in ``target``'s structure, dtypes and shardings.
+        Newer damaged steps are skipped with a warning and left where they
+        are (a reader must not move the files of a run that may be writing).
+        A given ``step`` that does not verify raises ``CheckpointIntegrityError``.
         """
         if step is None:
-            step = self.latest_step()
-            if step is None:
+            step = self._pick(quarantine=False)
+            if step == _NO_STEPS:
                 raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+            if step == _NONE_VERIFIED:
+                raise CheckpointIntegrityError(f"no checkpoint in {self.directory} passed verification")
         elif step not in self.all_steps():
             raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+        elif (damage := step_damage(self.directory / str(step))) is not None:
+            raise CheckpointIntegrityError(f"checkpoint step {step} in {self.directory} is damaged: {damage[1]}")
+        return self._load(step, target)
+
+    def resume(self, target: Any) -> tuple[Any, dict[str, Any], int] | None:
+        """``restore(target=target)`` for the run that owns the directory, or
+        None when there is no step to resume from.
+
+        Damaged steps newer than the one restored are moved to ``corrupt/``
+        (one warning line each), so orbax stops listing them and this run can
+        save those step numbers again. Steps exist but none verifies: a
+        ``CheckpointIntegrityError`` naming the directory.
+        """
+        step = self._pick(quarantine=True)
+        if step == _NO_STEPS:
+            return None
+        if step == _NONE_VERIFIED:
+            raise CheckpointIntegrityError(
+                f"no checkpoint in {self.directory} passed verification (moved to {self.directory / CORRUPT_DIR}); "
+                "start a new workdir or put back a good step"
+            )
+        return self._load(step, target)
+
+    def latest_verified_step(self) -> int | None:
+        """The newest step whose files match their manifest (None: there is none)."""
+        step = self._pick(quarantine=False)
+        return step if step >= 0 else None
+
+    def _pick(self, quarantine: bool) -> int:
+        """The newest verified step, ``_NONE_VERIFIED``, or ``_NO_STEPS``; the same on every process.
+
+        Process 0 reads and hashes; a verified step's bytes are what was
+        written, so a later load failure is a mismatch with the target (a
+        changed config), not damage, and is raised as such.
+        """
+        index, count = _process()
+        choice = _NO_STEPS
+        if index == 0:
+            choice = self._verify_newest(quarantine)
+        if count > 1:
+            choice = int(multihost_utils.broadcast_one_to_all(np.int32(choice)))
+        if quarantine:
+            # Every process's orbax manager must forget the steps moved away.
+            self._mngr.reload()
+        return choice
+
+    def _verify_newest(self, quarantine: bool) -> int:
+        # Every step directory on disk, also those orbax never finalized (it
+        # still lists them and would refuse to save their step again).
+        steps = sorted((int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()),
+                       reverse=True)
+        if not steps:
+            return _NO_STEPS
+        for step in steps:
+            damage = step_damage(self.directory / str(step))
+            if damage is None:
+                return step
+            tag, reason = damage
+            moved = f"; moved to {self._quarantine(step, tag)}" if quarantine else ""
+            log.warning("checkpoint step %d in %s skipped: %s%s", step, self.directory, reason, moved)
+        return _NONE_VERIFIED
+
+    def _quarantine(self, step: int, tag: str) -> Path:
+        corrupt = self.directory / CORRUPT_DIR
+        corrupt.mkdir(exist_ok=True)
+        dest = corrupt / f"{step}-{tag}"
+        n = 1
+        while dest.exists():  # the same step damaged again in a later run
+            n += 1
+            dest = corrupt / f"{step}-{tag}-{n}"
+        os.rename(self.directory / str(step), dest)
+        return dest
+
+    def _load(self, step: int, target: Any | None) -> tuple[Any, dict[str, Any], int]:
         if target is None:
             state_args = ocp.args.StandardRestore()
         else:
@@ -188,11 +449,11 @@ class CheckpointManager:
         return int(step) % self.every == 0
 
     def wait(self) -> None:
-        """Blocks until pending async saves are committed."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending async saves are committed and their manifests written."""
+        self._seal()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
+        self._seal()
         self._mngr.close()
 
     def __enter__(self) -> "CheckpointManager":

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from rag_jax.parallel import rules as R
 from rag_jax.parallel.mesh import make_mesh
 from rag_jax.rag.model import RagModel
-from rag_jax.train.checkpointing import CheckpointManager, PreemptionFlag
+from rag_jax.train.checkpointing import CheckpointManager, PreemptionFlag, holding_workdir_lock
 from rag_jax.train.evaluate import fmt_metrics, run_eval
 from rag_jax.train.logger import MetricLogger
 from rag_jax.train.optim import optimizer_from_config
@@ -37,6 +37,7 @@ def batch_shardings(batch: dict[str, np.ndarray], mesh: Any, rules: Any) -> dict
     }
 
 
+@holding_workdir_lock  # one training per workdir: a second one stops, naming the holder
 def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any = None,
                        verbose: bool = True, devices: Sequence[jax.Device] | None = None,
                        on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -72,8 +73,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     loader = build_train_loader(config, workdir, global_batch)
     ckpt = CheckpointManager(workdir / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
                              async_save=config.checkpoint.async_save)
-    if ckpt.latest_step() is not None:
-        state, data_state, step = ckpt.restore(target=state)
+    # The newest step whose files match their checksums; damaged newer ones are moved aside.
+    resumed = ckpt.resume(target=state)
+    if resumed is not None:
+        state, data_state, step = resumed
         loader.set_state(data_state["loader"])
         if verbose:
             print(f"[train] resumed from {workdir / 'checkpoints'} at step {step}", flush=True)
@@ -132,7 +135,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     ckpt.close()
 
     # -- final evaluation -----------------------------------------------------
-    results: dict[str, Any] = {"losses": losses, "history": history, "step": int(state.step)}
+    results: dict[str, Any] = {"losses": losses, "history": history, "step": int(state.step),
+                               # Only the preemption path leaves the loop before train.steps (state saved):
+                               # launchers exit with checkpointing.PREEMPTED_EXIT_CODE on it.
+                               "preempted": int(state.step) < config.train.steps}
     final_params = jax.device_get(state.params)
     for name, f in (("dev", config.data.dev_file), ("test", config.data.test_file)):
         if f and int(state.step) >= config.train.steps:
@@ -150,10 +156,13 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
 
 def _stop_diverged(ckpt: CheckpointManager, step: int, why: str, workdir: Path) -> None:
     ckpt.wait()
-    last = ckpt.latest_step()
+    # Named only if its files still match their checksums: what a rerun would resume from.
+    last = ckpt.latest_verified_step()
     ckpt.close()
+    where = workdir / "checkpoints"
     raise FloatingPointError(
-        f"step {step}: {why}; stopping. The last good checkpoint (step {last}) in "
-        f"{workdir / 'checkpoints'} is untouched."
+        f"step {step}: {why}; stopping. "
+        + (f"The last good checkpoint (step {last}) in {where} is untouched." if last is not None
+           else f"No checkpoint in {where} passed verification.")
     )
 
