@@ -242,10 +242,17 @@ def test_passage_file_errors_are_one_line_with_file_and_line(tmp_path, capsys, n
     f.write_bytes(body)
     np.save(tmp_path / "v.npy", np.zeros((1, 4), np.float32))
     (tmp_path / "ids.txt").write_text("1\n")
-    rc, _, err = _build(["--passages", f, "--embeddings-npy", tmp_path / "v.npy", "--embeddings-ids",
-                         tmp_path / "ids.txt", "--out", tmp_path / "idx", *(["--strict"] if strict else [])], capsys)
+    args = ["--passages", f, "--embeddings-npy", tmp_path / "v.npy", "--embeddings-ids", tmp_path / "ids.txt",
+            "--out", tmp_path / "idx", "--index-type", "exact", *(["--strict"] if strict else [])]
+    rc, _, err = _build(args, capsys)
     assert rc == 2
     assert err == f"rag-jax build-index: error: {f.parent / error}\n"
+    # Nothing of the bad file is kept: once fixed, the same command works (no "reusing ... (0 passages)").
+    assert not (tmp_path / "idx.work" / "corpus").exists()
+    f.write_bytes(b'{"id": 1, "text": "fixed"}\n' if name.endswith(".jsonl") else b"id\ttext\ttitle\n1\tfixed\tT\n")
+    rc, log, err = _build(args, capsys)
+    assert rc == 0, err
+    assert "corpus: 1 passages" in log and load_index(tmp_path / "idx").corpus.text(0) == "fixed"
 
 
 def test_suspicious_passages_warn_with_count_and_lines(tmp_path, capsys):
