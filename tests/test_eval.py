@@ -102,8 +102,9 @@ def test_collapse_monitor():
     peaked = jnp.array([[100.0, 0.0, 0.0]])
     assert float(M.prior_entropy(peaked)) < 1e-6
     mon = M.CollapseMonitor()
-    mon.update(collapsed, jnp.zeros((3, 2)))
-    mon.update(spread, jnp.array([[50.0, 0.0]] * 3))
+    mon.add(M.collapse_stats(collapsed, jnp.zeros((3, 2))))
+    mon.add(M.collapse_stats(spread, jnp.array([[50.0, 0.0]] * 3)))
+    assert set(out := mon.result()) == set(M.CollapseMonitor.KEYS)
     out = mon.result()
     assert out["distinct_doc_fraction"] == pytest.approx((1 / 3 + 1) / 2)
     assert out["doc_prior_entropy_frac"] == pytest.approx(0.5, abs=1e-6)  # flat batch 1.0, peaked 0.0

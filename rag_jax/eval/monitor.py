@@ -54,16 +54,17 @@ def collapse_stats(doc_ids: Any, doc_scores: Any, valid: Any | None = None) -> d
 class CollapseMonitor:
     """Averages ``collapse_stats`` over batches (e.g. one eval pass)."""
 
+    KEYS = ("distinct_doc_fraction", "doc_prior_entropy", "doc_prior_entropy_frac")
+
     def __init__(self) -> None:
         self._sums: dict[str, float] = {}
         self._n = 0
 
-    def update(self, doc_ids: Any, doc_scores: Any, valid: Any | None = None) -> dict[str, float]:
-        stats = collapse_stats(doc_ids, doc_scores, valid)
+    def add(self, stats: dict[str, float]) -> None:
+        """One batch's ``collapse_stats`` (computed wherever its batch was decoded)."""
         for k, v in stats.items():
             self._sums[k] = self._sums.get(k, 0.0) + v
         self._n += 1
-        return stats
 
     def result(self) -> dict[str, float]:
         return {k: v / self._n for k, v in self._sums.items()} if self._n else {}

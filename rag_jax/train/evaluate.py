@@ -12,7 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rag_jax.data import qa_formats
-from rag_jax.eval.monitor import CollapseMonitor
+from rag_jax.eval.monitor import CollapseMonitor, collapse_stats
 from rag_jax.eval.qa import qa_metrics
 from rag_jax.eval.retrieval import answer_hits, gold_hits, top_k_accuracy
 from rag_jax.rag.model import RagModel
@@ -39,45 +39,57 @@ def evaluate(
     """Generates an answer for every question and scores it.
 
     ``rag_model`` is a ``rag_jax.rag.model.RagModel`` used for its jitted
-    decoders; ``params`` replace its own, so one object serves every eval of a
-    run without recompiling. Batches are padded to ``batch_size`` (fixed shapes).
-    With ``positive_ids`` (per question, the passages that state its answer;
-    empty where unknown) it also reports ``gold_recall@k`` over the questions
-    that have them: answer strings recur in unrelated passages, gold ids do not.
+    decoders; ``params`` (whole host arrays) replace its own, so one object
+    serves every eval of a run without recompiling. Batches are padded to
+    ``batch_size`` (fixed shapes). With ``positive_ids`` (per question, the
+    passages that state its answer; empty where unknown) it also reports
+    ``gold_recall@k`` over the questions that have them: answer strings recur
+    in unrelated passages, gold ids do not.
+
+    With several processes, batch ``j`` is decoded by process ``j mod P`` and
+    every process gets the same metrics, computed from all batches in order:
+    exactly a one-process evaluation's.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
-    k = n_docs or task.n_docs
-    rag_model.params = params
-    preds: list[str] = []
     if positive_ids is not None and len(positive_ids) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(positive_ids)} positive id lists")
-    hits_all, gold_all, collapse = [], [], CollapseMonitor()
+    k = n_docs or task.n_docs
+    rag_model.params = params
     t0 = time.perf_counter()
+    starts = list(range(0, len(questions), batch_size))
+    mine = starts[jax.process_index()::jax.process_count()]
     bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress, leave=False)
-    for start in range(0, len(questions), batch_size):
+    local: list[dict[str, np.ndarray]] = []
+    for start in mine:
         qs = list(questions[start : start + batch_size])
         n = len(qs)
-        qs_padded = qs + [qs[-1]] * (batch_size - n)
-        r = task.retrieve(params.get("question_encoder"), qs_padded, n_docs=k)
+        r = task.retrieve(params.get("question_encoder"), qs + [qs[-1]] * (batch_size - n), n_docs=k)
         out = rag_model.generate(
             r.context_input_ids, r.context_attention_mask, r.doc_scores,
             variant=task.variant, num_beams=num_beams, max_length=max_length, decoding=decoding,
         )
-        preds += task.generator_tokenizer.decode(np.asarray(out)[:n])
-        if not task.closed_book:
-            hits_all.append(answer_hits(r.texts[:n], answers[start : start + n]))
-            if positive_ids is not None:
-                gold_all.append(gold_hits(r.ids[:n], positive_ids[start : start + n]))
-            collapse.update(r.rows[:n], r.doc_scores[:n])
-        bar.update(n)
+        local.append(_batch_record(task, r, np.asarray(out), n, answers[start : start + n],
+                                   None if positive_ids is None else positive_ids[start : start + n], max_length))
+        bar.update(n * jax.process_count())
     bar.close()
+    records = _all_batches(local, len(starts), task, batch_size, k, max_length)
+
+    preds: list[str] = []
+    hits_all, gold_all, collapse = [], [], CollapseMonitor()
+    for rec in records:
+        n = int(rec["n"])
+        preds += task.generator_tokenizer.decode(rec["tokens"][:n])
+        if not task.closed_book:
+            hits_all.append(rec["hits"][:n])
+            gold_all.append(rec["gold"][:n])
+            collapse.add(dict(zip(CollapseMonitor.KEYS, rec["collapse"].tolist())))
     metrics: dict[str, Any] = dict(qa_metrics(preds, [list(a) for a in answers]))
     if hits_all:
         hits = np.concatenate(hits_all, axis=0)
         for kk, v in top_k_accuracy(hits, sorted({1, min(5, k), k})).items():
             metrics[f"recall@{kk}"] = v
-        if gold_all:
+        if positive_ids is not None:
             gold = np.concatenate(gold_all, axis=0)
             known = np.array([len(p) > 0 for p in positive_ids], bool)
             if known.any():
@@ -89,6 +101,41 @@ def evaluate(
     if return_predictions:
         metrics["predictions"] = preds
     return metrics
+
+
+def _batch_record(task: Any, r: Any, out: np.ndarray, n: int, answers: Sequence[Sequence[str]],
+                  positive_ids: Sequence[Sequence[str]] | None, max_length: int) -> dict[str, np.ndarray]:
+    """One decoded batch as fixed-shape arrays, so processes can exchange them."""
+    tokens = np.full((out.shape[0], max_length), task.generator_tokenizer.pad_token_id, np.int32)
+    tokens[:, : out.shape[1]] = out
+    bs, k = r.doc_scores.shape
+    rec = {"n": np.int32(n), "tokens": tokens, "hits": np.zeros((bs, k), bool), "gold": np.zeros((bs, k), bool),
+           "collapse": np.zeros(len(CollapseMonitor.KEYS), np.float64)}
+    if not task.closed_book:
+        rec["hits"][:n] = answer_hits(r.texts[:n], answers)
+        if positive_ids is not None:
+            rec["gold"][:n] = gold_hits(r.ids[:n], positive_ids)
+        stats = collapse_stats(r.rows[:n], r.doc_scores[:n])
+        rec["collapse"] = np.asarray([stats[key] for key in CollapseMonitor.KEYS], np.float64)
+    return rec
+
+
+def _all_batches(local: list[dict[str, np.ndarray]], n_batches: int, task: Any, batch_size: int, k: int,
+                 max_length: int) -> list[dict[str, np.ndarray]]:
+    """Every process's batch records, in batch order (batch j from process j mod P)."""
+    count = jax.process_count()
+    if count == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    rounds = -(-n_batches // count)
+    blank = {"n": np.int32(0), "tokens": np.zeros((batch_size, max_length), np.int32),
+             "hits": np.zeros((batch_size, k), bool), "gold": np.zeros((batch_size, k), bool),
+             "collapse": np.zeros(len(CollapseMonitor.KEYS), np.float64)}
+    padded = local + [blank] * (rounds - len(local))
+    stacked = {key: np.stack([rec[key] for rec in padded]) for key in blank}
+    gathered = multihost_utils.process_allgather(stacked)  # leaves [P, rounds, ...]
+    return [{key: np.asarray(v[j % count, j // count]) for key, v in gathered.items()} for j in range(n_batches)]
 
 
 def _read_split(path: str, fmt: str) -> tuple[list[str], list[list[str]], list[list[str]] | None]:
