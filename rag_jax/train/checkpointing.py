@@ -41,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from rag_jax.parallel.host_arrays import any_process
 from rag_jax.retrieval.lock import LockedError, WriterLock
 
 log = logging.getLogger(__name__)
@@ -494,9 +495,14 @@ class PreemptionFlag:
         return self._event.is_set()
 
     def sync(self, step: int, manager: CheckpointManager | None = None) -> bool:
+        """Whether to stop after ``step``, the same answer on every process: a
+        notice that reached any process (or the cluster's own preemption
+        notice, where JAX's distributed runtime delivers one) stops them all."""
         flag = self.requested
-        if jax.process_count() > 1 and manager is not None:
-            flag = flag or bool(manager._mngr.reached_preemption(int(step)))
+        if jax.process_count() > 1:
+            if manager is not None:
+                flag = flag or bool(manager._mngr.reached_preemption(int(step)))
+            flag = any_process(flag)
         return flag
 
     def uninstall(self) -> None:

@@ -7,9 +7,11 @@ sharded step, logging, checkpoints, preemption) -> evaluation
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from pathlib import Path
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -17,8 +19,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from rag_jax.parallel import rules as R
+from rag_jax.parallel.host_arrays import fetch, local_rows, process_positions, scalar, to_global
 from rag_jax.parallel.mesh import make_mesh
-from rag_jax.rag.model import RagModel
+from rag_jax.rag.model import RagModel, question_embedding
 from rag_jax.train.checkpointing import CheckpointManager, PreemptionFlag, holding_workdir_lock
 from rag_jax.train.evaluate import fmt_metrics, run_eval
 from rag_jax.train.logger import MetricLogger
@@ -29,12 +32,30 @@ from rag_jax.train.state import create_state, state_shardings
 from rag_jax.train.step import jit_train_step, make_train_step
 
 
-def batch_shardings(batch: dict[str, np.ndarray], mesh: Any, rules: Any) -> dict[str, NamedSharding]:
-    """Leading axis on ``batch``; a global batch smaller than the data axes is replicated."""
-    return {
-        k: NamedSharding(mesh, R.leaf_spec(("batch",) + (None,) * (v.ndim - 1), v.shape, mesh, rules))
-        for k, v in batch.items()
-    }
+def batch_shardings(batch: dict[str, np.ndarray], mesh: Any, rules: Any,
+                    global_batch: int | None = None) -> dict[str, NamedSharding]:
+    """Leading axis on ``batch`` (whose leading size is ``global_batch``, by
+    default its own); a global batch smaller than the data axes is replicated."""
+    def spec(v: np.ndarray) -> Any:
+        shape = (global_batch or v.shape[0],) + v.shape[1:]
+        return R.leaf_spec(("batch",) + (None,) * (v.ndim - 1), shape, mesh, rules)
+
+    return {k: NamedSharding(mesh, spec(v)) for k, v in batch.items()}
+
+
+def _global_question_embedder(task: Any, mesh: Any, rules: Any, global_batch: int) -> Callable[..., np.ndarray]:
+    """With several processes, each retrieves for its own rows, but the
+    question encoder's params span all of them: the embedding runs as one
+    program over the global batch, and each process keeps its rows."""
+    sharding = NamedSharding(mesh, R.leaf_spec(("batch", None), (global_batch, 1), mesh, rules))
+    embed = jax.jit(functools.partial(question_embedding, task.config.question_encoder), out_shardings=sharding)
+
+    def run(params: Any, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        local = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        g = to_global(local, dict.fromkeys(local, sharding), global_batch)
+        return local_rows(embed(params, g["input_ids"], g["attention_mask"], g["token_type_ids"]))
+
+    return run
 
 
 @holding_workdir_lock  # one training per workdir: a second one stops, naming the holder
@@ -53,6 +74,8 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     devices = list(devices or jax.devices())
     validate(config, len(devices))
     check_inputs(config, need_index=retriever is None)  # before anything is written to workdir
+    # One process speaks: the others train silently beside it.
+    verbose = verbose and jax.process_index() == 0
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -66,11 +89,17 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     frozen = ("question_encoder",) if (config.train.freeze_question_encoder or config.train.closed_book) else ()
     tx, schedule = optimizer_from_config(config.train, frozen=frozen)
     global_batch = global_batch_size(config, len(devices))
+    # The rows of each global batch that this process's devices hold: it reads,
+    # retrieves for and feeds only those (the same stream for any topology).
+    positions = process_positions(NamedSharding(mesh, R.leaf_spec(("batch",), (global_batch,), mesh, rules)),
+                                  global_batch)
+    if jax.process_count() > 1 and not task.closed_book:
+        task = dataclasses.replace(task, embed_questions=_global_question_embedder(task, mesh, rules, global_batch))
 
     # -- state ----------------------------------------------------------------
     shardings = state_shardings(boxed_params(models), tx, mesh, rules)
     state = create_state(models.params, tx, train_rng, shardings)
-    loader = build_train_loader(config, workdir, global_batch)
+    loader = build_train_loader(config, workdir, global_batch, positions)
     ckpt = CheckpointManager(workdir / "checkpoints", every=config.checkpoint.every, keep=config.checkpoint.keep,
                              async_save=config.checkpoint.async_save)
     # The newest step whose files match their checksums; damaged newer ones are moved aside.
@@ -82,36 +111,38 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
             print(f"[train] resumed from {workdir / 'checkpoints'} at step {step}", flush=True)
     step_fn = make_train_step(task.loss_fn, tx, config.train.grad_accum_steps)
     train_step = None  # compiled at the first batch, whose shapes fix the batch shardings
-    logger = MetricLogger(workdir, config.train.steps, global_batch, enabled=verbose)
-    rag_model = RagModel(task.config, jax.device_get(state.params), models.question_tokenizer, models.generator_tokenizer)
+    logger = MetricLogger(workdir, config.train.steps, global_batch, enabled=verbose,
+                          write_files=jax.process_index() == 0)
+    rag_model = RagModel(task.config, fetch(state.params), models.question_tokenizer, models.generator_tokenizer)
 
     # -- loop -----------------------------------------------------------------
     losses: dict[int, float] = {}
     history: list[dict[str, Any]] = []
-    start = int(state.step)
+    start = int(scalar(state.step))
     with PreemptionFlag() as preempt:
         for step in range(start, config.train.steps):
             batch = next(loader)
             host = task.train_batch(state.params["question_encoder"], batch["question"], batch["answer"])
             if train_step is None:
-                train_step = jit_train_step(step_fn, shardings, batch_shardings(host, mesh, rules))
-            state, metrics = train_step(state, host)
-            loss = float(metrics["loss"])
+                host_shardings = batch_shardings(host, mesh, rules, global_batch)
+                train_step = jit_train_step(step_fn, shardings, host_shardings)
+            state, metrics = train_step(state, to_global(host, host_shardings, global_batch))
+            loss = scalar(metrics["loss"])
             done = step + 1
             if not math.isfinite(loss):
                 _stop_diverged(ckpt, done, f"loss is {loss}", workdir)
             losses[done] = loss
             if done % config.train.log_every == 0 or done == config.train.steps:
-                logger.log_train(done, {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                logger.log_train(done, {"loss": loss, "grad_norm": scalar(metrics["grad_norm"]),
                                         "lr": float(schedule(done - 1))})
             # A finite loss can still leave inf/NaN params after the update.
-            params_finite = bool(metrics["params_finite"])
+            params_finite = bool(scalar(metrics["params_finite"]))
             if ckpt.should_save(done):
                 if not params_finite:
                     _stop_diverged(ckpt, done, "parameters became non-finite", workdir)
                 ckpt.save(done, state, {"loader": loader.get_state()})
             if config.eval.every and done % config.eval.every == 0 and done < config.train.steps and config.data.dev_file:
-                ev = run_eval(config, task, rag_model, jax.device_get(state.params), config.data.dev_file, verbose)
+                ev = run_eval(config, task, rag_model, fetch(state.params), config.data.dev_file, verbose)
                 logger.write(done, {k: v for k, v in ev.items() if isinstance(v, float)}, "dev")
                 history.append({"step": done, **ev})
                 if verbose:
@@ -128,22 +159,22 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
                     print(f"[train] preempted: saved step {done}", flush=True)
                 break
         else:
-            if int(state.step) > start and not params_finite:
-                _stop_diverged(ckpt, int(state.step), "parameters became non-finite", workdir)
-            ckpt.save(int(state.step), state, {"loader": loader.get_state()}, force=True)
+            if int(scalar(state.step)) > start and not params_finite:
+                _stop_diverged(ckpt, int(scalar(state.step)), "parameters became non-finite", workdir)
+            ckpt.save(int(scalar(state.step)), state, {"loader": loader.get_state()}, force=True)
     ckpt.wait()
     ckpt.close()
 
     # -- final evaluation -----------------------------------------------------
-    results: dict[str, Any] = {"losses": losses, "history": history, "step": int(state.step),
+    results: dict[str, Any] = {"losses": losses, "history": history, "step": int(scalar(state.step)),
                                # Only the preemption path leaves the loop before train.steps (state saved):
                                # launchers exit with checkpointing.PREEMPTED_EXIT_CODE on it.
-                               "preempted": int(state.step) < config.train.steps}
-    final_params = jax.device_get(state.params)
+                               "preempted": int(scalar(state.step)) < config.train.steps}
+    final_params = fetch(state.params)
     for name, f in (("dev", config.data.dev_file), ("test", config.data.test_file)):
-        if f and int(state.step) >= config.train.steps:
+        if f and int(scalar(state.step)) >= config.train.steps:
             ev = run_eval(config, task, rag_model, final_params, f, verbose)
-            logger.write(int(state.step), {k: v for k, v in ev.items() if isinstance(v, float)}, name)
+            logger.write(int(scalar(state.step)), {k: v for k, v in ev.items() if isinstance(v, float)}, name)
             results[name] = ev
             if verbose:
                 print(f"[eval] final {name}: " + fmt_metrics(ev), flush=True)
