@@ -199,19 +199,24 @@ def test_nan_stop_names_a_step_that_verifies(paths, tmp_path):
     from tests.train_fixtures import tiny_config
 
     work = tmp_path / "nan"
-    # An absurd learning rate without clipping: the loss turns non-finite within a few steps.
-    cfg = tiny_config(paths, steps=12, global_batch_size=4, lr=1e12, warmup_steps=0, max_grad_norm=0.0,
-                      end_lr=0.0, schedule="constant")
-    cfg.checkpoint.every = 1
-    cfg.checkpoint.keep = 20
+
+    def cfg(lr, steps):
+        c = tiny_config(paths, steps=steps, global_batch_size=4, lr=lr, warmup_steps=0, max_grad_norm=0.0,
+                        end_lr=0.0, schedule="constant")
+        c.checkpoint.every = 1
+        c.checkpoint.keep = 20
+        return c
+
+    train_and_evaluate(cfg(1e-3, 3), work, verbose=False)
 
     def damage_each_new_step(step):
-        # Every step after the first is damaged once saved: the newest one on disk never verifies.
-        if step > 1:
-            _flip(work / "checkpoints" / str(step), n=16)
+        _flip(work / "checkpoints" / str(step), n=16)
 
-    with pytest.raises(FloatingPointError, match=r"The last good checkpoint \(step 1\)"):
-        train_and_evaluate(cfg, work, verbose=False, on_step=damage_each_new_step)
-    assert (work / "checkpoints" / "2").is_dir()  # a newer, damaged step was there to be passed over
+    # Resumed with an absurd learning rate (same optimizer state layout): the
+    # first update blows the parameters up, the next loss is non-finite. Each
+    # step saved meanwhile is damaged, so the newest step on disk never verifies.
+    with pytest.raises(FloatingPointError, match=r"The last good checkpoint \(step 3\)"):
+        train_and_evaluate(cfg(1e12, 12), work, verbose=False, on_step=damage_each_new_step)
+    assert (work / "checkpoints" / "4").is_dir()  # a newer, damaged step was there to be passed over
     with CheckpointManager(work / "checkpoints", every=1) as mngr:
-        assert mngr.latest_verified_step() == 1
+        assert mngr.latest_verified_step() == 3
