@@ -30,9 +30,13 @@ def main(argv):
     # Before any other jax use; config.multihost=True auto-detects TPU pod slices and SLURM.
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                multihost=_CONFIG.value.get("multihost", False))
+    from rag_jax.train.checkpointing import PREEMPTED_EXIT_CODE
     from rag_jax.train.loop import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    out = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    # app.run exits with main's return value: a preempted run saved its state
+    # but is not finished, and schedulers requeue on this code.
+    return PREEMPTED_EXIT_CODE if out["preempted"] else 0
 
 
 if __name__ == "__main__":

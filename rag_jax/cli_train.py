@@ -64,11 +64,14 @@ def _run_train(args: argparse.Namespace) -> int:
     import jax
     from rag_jax.train.loop import train_and_evaluate
 
+    from rag_jax.train.checkpointing import PREEMPTED_EXIT_CODE
+
     out = train_and_evaluate(config, args.workdir)
     summary = {k: {m: v for m, v in out[k].items() if not isinstance(v, list)} for k in ("dev", "test") if k in out}
     if jax.process_index() == 0:  # one process of a multi-process run prints
         print(json.dumps(summary, indent=2))
-    return 0
+    # A preempted run saved its state but is not finished: schedulers requeue on this code.
+    return PREEMPTED_EXIT_CODE if out["preempted"] else 0
 
 
 def _run_eval(args: argparse.Namespace) -> int:

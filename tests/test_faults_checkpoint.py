@@ -120,6 +120,16 @@ def test_no_step_verifies_is_one_line_naming_the_directory(tmp_path):
     assert sorted(p.name for p in (root / CORRUPT_DIR).iterdir()) == ["1-checksum-mismatch", "2-no-manifest"]
 
 
+def test_checkpoints_from_before_checksums_resume_unverified_with_a_warning(tmp_path, caplog):
+    root = _two_steps(tmp_path / "c")
+    for step in ("1", "2"):
+        (root / step / MANIFEST).unlink()
+    with caplog.at_level(logging.WARNING), CheckpointManager(root, every=1, keep=5) as mngr:
+        _, data, step = mngr.resume(target=_state(0.0))
+    assert (step, data) == (2, {"s": 2})
+    assert "no checksums" in caplog.text and not (root / CORRUPT_DIR).exists()
+
+
 def test_second_writer_refused_naming_the_holder(tmp_path):
     from rag_jax.train.loop import train_and_evaluate
 

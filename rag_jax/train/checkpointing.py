@@ -395,6 +395,14 @@ class CheckpointManager:
                        reverse=True)
         if not steps:
             return _NO_STEPS
+        if not any((self.directory / str(step) / MANIFEST).is_file() for step in steps):
+            # A directory written before checksums existed: nothing to verify
+            # against, so its newest finished step is taken as it is, said once.
+            legacy = [s for s in steps if (self.directory / str(s) / _ORBAX_METADATA).is_file()]
+            if legacy:
+                log.warning("checkpoints in %s carry no checksums (written by an older rag_jax): "
+                            "step %d is used unverified", self.directory, legacy[0])
+                return legacy[0]
         for step in steps:
             damage = step_damage(self.directory / str(step))
             if damage is None:

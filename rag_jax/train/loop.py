@@ -25,9 +25,8 @@ from rag_jax.rag.model import RagModel, question_embedding
 from rag_jax.train.checkpointing import CheckpointManager, PreemptionFlag, holding_workdir_lock
 from rag_jax.train.evaluate import fmt_metrics, run_eval
 from rag_jax.train.logger import MetricLogger
-from rag_jax.train.optim import optimizer_from_config
 from rag_jax.train.setup import (boxed_params, build_models, build_train_loader, check_inputs, global_batch_size,
-                                  make_task)
+                                  make_task, optimizer)
 from rag_jax.train.state import create_state, state_shardings
 from rag_jax.train.step import jit_train_step, make_train_step
 
@@ -86,8 +85,7 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     init_rng, train_rng = jax.random.split(rng)
     models = build_models(config, workdir, init_rng)
     task = make_task(config, models, retriever)
-    frozen = ("question_encoder",) if (config.train.freeze_question_encoder or config.train.closed_book) else ()
-    tx, schedule = optimizer_from_config(config.train, frozen=frozen)
+    tx, schedule = optimizer(config)
     global_batch = global_batch_size(config, len(devices))
     # The rows of each global batch that this process's devices hold: it reads,
     # retrieves for and feeds only those (the same stream for any topology).

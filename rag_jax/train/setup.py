@@ -23,6 +23,8 @@ from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.models.layers import DTYPES
 from rag_jax.rag.model import RagConfig
 from rag_jax.train.checkpointing import CheckpointManager
+from rag_jax.train.optim import optimizer_from_config
+from rag_jax.train.state import TrainState
 from rag_jax.train.task import RagTask
 
 
@@ -218,18 +220,29 @@ def build_train_loader(config: Any, workdir: str | os.PathLike, global_batch: in
     return train_loader_from_config(config, dataset_from_config(config, workdir), global_batch, positions)
 
 
+def optimizer(config: Any) -> tuple[Any, Any]:
+    """(optax transformation, schedule) of a run: the question encoder is
+    frozen for a frozen retriever and for closed-book runs (it is not used)."""
+    frozen = ("question_encoder",) if (config.train.freeze_question_encoder or config.train.closed_book) else ()
+    return optimizer_from_config(config.train, frozen=frozen)
+
+
 def restore_params(config: Any, workdir: str | os.PathLike, models: Models) -> tuple[Any, int]:
-    """Params of the latest checkpoint in ``workdir/checkpoints`` (host arrays)."""
+    """Params of the newest verified checkpoint in ``workdir/checkpoints`` (host arrays).
+
+    Restored into an explicit target on this process's first device, so a
+    checkpoint written by any number of processes and devices loads here
+    (orbax cannot place arrays on a topology it was not given).
+    """
+    tx, _ = optimizer(config)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                                                   rng=jax.random.PRNGKey(0)), models.params)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     ckpt = CheckpointManager(Path(workdir) / "checkpoints", every=config.checkpoint.every,
                              keep=config.checkpoint.keep, async_save=False)
     try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"no finished checkpoint in {Path(workdir) / 'checkpoints'}")
-        state, _, step = ckpt.restore()
+        state, _, step = ckpt.restore(target=target)
     finally:
         ckpt.close()
-    params = jax.tree.map(np.asarray, state["params"])
-    # Same structure as freshly built params (orbax returns plain nested dicts).
-    jax.tree.map(lambda a, b: None, models.params, params)
-    return params, step
-
+    return jax.tree.map(np.asarray, state.params), step
