@@ -2,9 +2,10 @@
 
     python launch/local_cluster.py -n 2 -- --config=configs/tiny.py --workdir=/tmp/run
     python launch/local_cluster.py -n 4 --devices-per-process 2 -- launch/evaluate.py --config=... --workdir=...
+    python launch/local_cluster.py -n 2 -- -m rag_jax.cli build-index --passages P.tsv --encoder CTX --out IDX
 
-After ``--`` come a Python script and its arguments (without a script:
-launch/train.py). Each process gets XLA_FLAGS=--xla_force_host_platform_device_count=D
+After ``--`` come a Python script and its arguments, or ``-m MODULE`` and its
+arguments (without either: launch/train.py). Each process gets XLA_FLAGS=--xla_force_host_platform_device_count=D
 (default 8 // N), JAX_PLATFORMS=cpu unless set, and --coordinator_address=localhost:PORT
 --num_processes=N --process_id=I appended. Output lines are prefixed [pI]. SIGTERM/SIGINT
 are forwarded to all processes; when one fails the others are stopped and this exits
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     from rag_jax.train.distributed import run_local_cluster
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="%(prog)s -n N [--devices-per-process D] [--port P] -- [SCRIPT.py] ARGS...")
+                                     usage="%(prog)s -n N [--devices-per-process D] [--port P] -- [SCRIPT.py | -m MODULE] ARGS...")
     parser.add_argument("-n", "--num-processes", dest="num_processes", type=int, required=True)
     parser.add_argument("--devices-per-process", "--devices_per_process", dest="devices_per_process", type=int,
                         default=None, help="fake CPU devices in each process (default 8 // N, at least 1)")
@@ -34,10 +35,14 @@ def main(argv: list[str]) -> int:
     split = argv.index("--")
     args, rest = parser.parse_args(argv[:split]), argv[split + 1:]
     has_script = bool(rest) and not rest[0].startswith("-") and rest[0].endswith(".py")
-    script, script_args = (rest[0], rest[1:]) if has_script else (os.path.join(_REPO, "launch", "train.py"), rest)
+    if rest[:1] == ["-m"] and len(rest) < 2:
+        parser.error("-m needs a module name (e.g. -m rag_jax.cli build-index ...)")
+    if has_script or rest[:1] == ["-m"]:
+        command = [sys.executable, *rest]
+    else:
+        command = [sys.executable, os.path.join(_REPO, "launch", "train.py"), *rest]
     try:
-        return run_local_cluster([sys.executable, script, *script_args], args.num_processes,
-                                 args.devices_per_process, args.port)
+        return run_local_cluster(command, args.num_processes, args.devices_per_process, args.port)
     except ValueError as e:
         parser.error(str(e))
 

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from rag_jax.cli_train import add_distributed_arguments
+
 
 def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -15,7 +17,9 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
             "embedding shards) lives in OUT.work and is resumed if the command is killed and re-run, as far "
             "as it was made from the same inputs (passages file content, encoder, options); OUT appears only "
             "when complete, and re-running a finished build does nothing. OUT.lock keeps a second build of the "
-            "same OUT out."
+            "same OUT out. Started as N jax processes (--coordinator_address/--num_processes/--process_id, "
+            "the JAX_* variables, or --multihost), each encodes its share of the embedding shards into the "
+            "same OUT.work (a file system all of them see); process 0 builds the corpus store and the index."
         ),
     )
     src = p.add_argument_group("passages")
@@ -53,10 +57,18 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="ScaNN brute force (default below 20,000 passages; the tree options need a tree)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_distributed_arguments(p)
+    p.add_argument("--multihost", action="store_true",
+                   help="without the three flags above: let jax detect the processes (TPU pod slice, SLURM, "
+                        "Open MPI)")
     p.set_defaults(func=run_build_index)
 
 
 def run_build_index(args: argparse.Namespace) -> int:
+    from rag_jax.train.distributed import initialize
+
+    # Before any other jax use; a no-op without the flags, variables or --multihost.
+    initialize(args.coordinator_address, args.num_processes, args.process_id, multihost=args.multihost)
     from rag_jax.retrieval.build import build_index_dir
 
     scann = {

@@ -19,17 +19,31 @@ prints so and returns its manifest instead of failing on the existing ``OUT``.
 One writer at a time: ``OUT.lock`` names its holder; a second build of the
 same ``OUT`` stops with one line, a lock left by a dead process is taken over.
 Kill points for tests: :mod:`rag_jax.retrieval.faults`.
+
+Run as N jax processes (``jax.distributed`` joined before the call), the
+build is one job: process 0 takes the lock, builds the corpus store and
+prepares the embedding directory while the others wait; then every process
+encodes its share of the missing shards on its own devices (shared file
+system); process 0 waits for all shares, then writes the embedding manifest
+and the index. Only process 0 prints. The result is the 1-process build's
+(same devices per process: same bytes), and a killed N-process build resumes
+under any process count.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import itertools
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+
+import jax
 
 from rag_jax.encoder import load_encoder
 from rag_jax.retrieval.corpus import (
@@ -44,7 +58,7 @@ from rag_jax.retrieval.corpus import (
     same_content,
 )
 from rag_jax.retrieval.embeddings import STORE_MANIFEST, EmbeddingStore, import_embeddings
-from rag_jax.retrieval.encode import encode_corpus
+from rag_jax.retrieval.encode import EncodingJob, encode_shards, finish_job, start_job
 from rag_jax.retrieval.faults import fault_point
 from rag_jax.retrieval.index import (
     BRUTE_FORCE_BELOW,
@@ -253,41 +267,161 @@ def build_index_dir(
     if index_type not in ("scann", "exact"):
         raise ValueError(f"index type must be 'scann' or 'exact', got {index_type!r}")
     work = out.with_name(out.name + ".work")
-    with WriterLock(out.with_name(out.name + ".lock"), f"build-index --out {out}") as lock:
-        if lock.took_over:
-            _say(lock.took_over)
-        _clean_leftovers(out, work)
-        return _build_locked(
-            out, work, passages=passages, corpus=corpus, split_words=split_words or None, encoder=encoder,
-            embeddings_pkl=embeddings_pkl, embeddings_npy=embeddings_npy, embeddings_ids=embeddings_ids,
-            encode_options={"batch_size": batch_size, "max_length": max_length, "length_bucket": length_bucket or None,
-                            "shard_rows": shard_rows or None, "token_types": token_types},
-            dtype=dtype, index_type=index_type,
-            scann_overrides={k: v for k, v in (scann_params or {}).items() if v is not None},
-            overwrite=overwrite, strict=strict, progress=progress,
-        )
+    team = _Team()
+    if not team.lead:
+        return _follow(team, out, work, encoder)
+    what = f"build-index --out {out}" + (f" ({team.count} processes)" if team.count > 1 else "")
+    lock = WriterLock(out.with_name(out.name + ".lock"), what)
+    inputs = _Inputs(
+        passages=passages, corpus=corpus, split_words=split_words or None, encoder=encoder,
+        embeddings_pkl=embeddings_pkl, embeddings_npy=embeddings_npy, embeddings_ids=embeddings_ids,
+        encode_options={"batch_size": batch_size, "max_length": max_length, "length_bucket": length_bucket or None,
+                        "shard_rows": shard_rows or None, "token_types": token_types},
+        dtype=dtype, index_type=index_type,
+        scann_overrides={k: v for k, v in (scann_params or {}).items() if v is not None},
+        overwrite=overwrite, strict=strict, progress=progress,
+    )
+    try:
+        with team.reporting("prepared"):
+            lock.acquire()
+            if lock.took_over:
+                _say(lock.took_over)
+            _clean_leftovers(out, work)
+            prepared = _prepare(out, work, inputs)
+        if isinstance(prepared, dict):  # OUT is this build, finished earlier
+            team.post("prepared", {"done": True})
+            return prepared
+        team.post("prepared", {"done": False, "missing": prepared.missing})
+        with team.reporting("finished"):
+            _encode_lead_share(team, prepared, work, progress)
+            manifest = _finish(prepared, out, work, inputs)
+        team.post("finished", {})
+        return manifest
+    finally:
+        lock.release()
 
 
-def _build_locked(
-    out: Path,
-    work: Path,
-    *,
-    passages: str | os.PathLike | None,
-    corpus: str | os.PathLike | None,
-    split_words: int | None,
-    encoder: str | os.PathLike | None,
-    embeddings_pkl: str | None,
-    embeddings_npy: str | os.PathLike | None,
-    embeddings_ids: str | os.PathLike | None,
-    encode_options: dict[str, Any],
-    dtype: str,
-    index_type: str,
-    scann_overrides: dict[str, Any],
-    overwrite: bool,
-    strict: bool,
-    progress: bool,
-) -> dict[str, Any]:
+# Each wait on another process is cut into pieces this long: no phase has an
+# upper bound (one host may encode for days), and a peer that dies ends the
+# wait with the coordination service's error, not with this timeout.
+_WAIT_PIECE_MS = 10 * 60 * 1000
+
+
+class TeamError(ValueError):
+    """Another process of the same build failed; the message names it and its error."""
+
+
+class _Team:
+    """The processes of one build and the few messages they exchange.
+
+    Messages go through the key-value store of jax's coordination service
+    (which ``jax.distributed.initialize`` started), not through device
+    collectives (``multihost_utils``): measured on CPU, a gloo collective
+    whose processes arrive more than 30 s apart fails with DEADLINE_EXCEEDED,
+    and here the others wait while process 0 builds a corpus store or an
+    index (minutes to an hour). In a 1-process run nothing is sent.
+    """
+
+    _builds = itertools.count()  # successive builds of one session use their own keys
+
+    def __init__(self) -> None:
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self._prefix = f"rag_jax/build-index/{next(self._builds)}"
+        self._client: Any = None
+        if self.count > 1:
+            from jax._src import distributed  # the client jax.distributed.initialize made; no public accessor
+
+            self._client = distributed.global_state.client
+
+    @property
+    def lead(self) -> bool:
+        return self.index == 0
+
+    def post(self, name: str, message: dict) -> None:
+        if self._client is not None:
+            self._client.key_value_set(f"{self._prefix}/{name}", json.dumps(message))
+
+    def wait(self, name: str) -> dict:
+        key = f"{self._prefix}/{name}"
+        while True:
+            try:
+                return json.loads(self._client.blocking_key_value_get(key, _WAIT_PIECE_MS))
+            except jax.errors.JaxRuntimeError as e:
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+
+    @contextlib.contextmanager
+    def reporting(self, name: str) -> Iterator[None]:
+        """A context in which an error is first posted as message ``name`` (so no process waits
+        for it in vain), then raised."""
+        try:
+            yield
+        except BaseException as error:
+            text = str(error).strip()
+            self.post(name, {"error": text.splitlines()[0] if text else type(error).__name__})
+            raise
+
+
+def _follow(team: _Team, out: Path, work: Path, encoder: str | os.PathLike | None) -> dict[str, Any]:
+    """A process other than 0: waits for the preparation, encodes its share, waits for the index."""
+    msg = team.wait("prepared")
+    if "error" in msg:
+        raise TeamError(f"process 0 stopped the build: {msg['error']}")
+    if not msg["done"]:
+        mine = msg["missing"][team.index::team.count]
+        with team.reporting(f"encoded/{team.index}"):
+            if mine:
+                edir = work / "embeddings"
+                encode_shards(Corpus(work / "corpus"), load_encoder(encoder), edir, EncodingJob.read(edir), mine,
+                              progress=False)
+        team.post(f"encoded/{team.index}", {})
+        msg = team.wait("finished")
+        if "error" in msg:
+            raise TeamError(f"process 0 stopped the build: {msg['error']}")
+    return _read_json(out / INDEX_MANIFEST)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """build_index_dir's arguments, as process 0 uses them."""
+
+    passages: str | os.PathLike | None
+    corpus: str | os.PathLike | None
+    split_words: int | None
+    encoder: str | os.PathLike | None
+    embeddings_pkl: str | None
+    embeddings_npy: str | os.PathLike | None
+    embeddings_ids: str | os.PathLike | None
+    encode_options: dict[str, Any]
+    dtype: str
+    index_type: str
+    scann_overrides: dict[str, Any]
+    overwrite: bool
+    strict: bool
+    progress: bool
+
+
+@dataclass
+class _Prepared:
+    """Process 0's work before the encoding: what the build is made from and what is left to do."""
+
+    record: dict[str, Any]
+    corpus: Corpus
+    encoder: Any  # the loaded encoder; None when importing without --encoder
+    job: EncodingJob | None  # None: the embeddings were imported into ``store``
+    store: EmbeddingStore | None
+    missing: list[int]  # shards still to encode
+    manifest_mtime: int | None  # the embedding manifest's before this run (unchanged: the store was reused)
+    resumed: bool  # shards of an earlier run were there
+    t0: float
+    t_embed: float = 0.0
+
+
+def _prepare(out: Path, work: Path, inputs: _Inputs) -> dict[str, Any] | _Prepared:
+    """Process 0, holding the lock: the record of the inputs, the corpus store and the embedding
+    directory made ready; or OUT's manifest if OUT is this very build, finished."""
     t0 = time.perf_counter()
+    progress = inputs.progress
     known = _known_fingerprints(out / INDEX_MANIFEST, work / INDEX_MANIFEST, work / "corpus" / CORPUS_MANIFEST,
                                 work / "embeddings" / STORE_MANIFEST)
 
@@ -297,14 +431,15 @@ def _build_locked(
         return file_fingerprint(path, known.get(os.path.abspath(path)), progress=progress)
 
     # --- what this build is made from: the record every reuse is checked against
+    passages, embeddings_pkl, embeddings_npy = inputs.passages, inputs.embeddings_pkl, inputs.embeddings_npy
     passages_fp = fingerprint_of(passages) if passages is not None else None
-    given_corpus = Corpus(corpus) if corpus else None
-    loaded = load_encoder(encoder) if encoder else None
+    given_corpus = Corpus(inputs.corpus) if inputs.corpus else None
+    loaded = load_encoder(inputs.encoder) if inputs.encoder else None
     encoder_fp = loaded.fingerprint() if loaded else None
     imported: dict[str, Any] | None = None
     if embeddings_npy:
         imported = {"npy": fingerprint_of(embeddings_npy),
-                    "ids": fingerprint_of(embeddings_ids) if embeddings_ids else None}
+                    "ids": fingerprint_of(inputs.embeddings_ids) if inputs.embeddings_ids else None}
     elif embeddings_pkl:
         files = sorted(glob.glob(embeddings_pkl))
         if not files:
@@ -312,21 +447,21 @@ def _build_locked(
         imported = {"pkl": [fingerprint_of(f) for f in files]}
     record = {
         "passages": passages_fp,
-        "split_words": split_words,
+        "split_words": inputs.split_words,
         "corpus": given_corpus.checksum if given_corpus else None,
-        "embeddings": {"import": imported} if imported else dict(encode_options),
-        "dtype": dtype,
+        "embeddings": {"import": imported} if imported else dict(inputs.encode_options),
+        "dtype": inputs.dtype,
         "encoder_fingerprint": encoder_fp,
-        "index_type": index_type,
-        "scann": scann_overrides if index_type == "scann" else None,
+        "index_type": inputs.index_type,
+        "scann": inputs.scann_overrides if inputs.index_type == "scann" else None,
     }
 
     # --- an existing OUT: the same finished build is done, anything else needs --overwrite
-    if out.exists() and not overwrite:
+    if out.exists() and not inputs.overwrite:
         have = _read_json(out / INDEX_MANIFEST)
         if have and _content(have.get("build")) == _content(record):
             if passages is not None and (out / "corpus" / CORPUS_MANIFEST).is_file():
-                for w in input_warnings(Corpus(out / "corpus"), str(passages), strict):
+                for w in input_warnings(Corpus(out / "corpus"), str(passages), inputs.strict):
                     _warn(w)
             _say(f"{out} is already built from the same inputs and options ({have['count']} passages); "
                  "nothing to do")
@@ -342,7 +477,7 @@ def _build_locked(
         copy, _ = _open_corpus(cdir)
         if copy is not None and copy.checksum == given_corpus.checksum:
             store_corpus = copy
-            _say(f"reusing the copy of corpus {corpus} ({len(store_corpus)} passages)")
+            _say(f"reusing the copy of corpus {inputs.corpus} ({len(store_corpus)} passages)")
         else:
             _drop_staged_index(work)
             shutil.rmtree(cdir, ignore_errors=True)
@@ -351,7 +486,7 @@ def _build_locked(
             os.rename(work / ".corpus.copy", cdir)
             store_corpus = Corpus(cdir)
     else:
-        store_corpus, why = _passages_reuse(cdir, passages_fp, split_words)
+        store_corpus, why = _passages_reuse(cdir, passages_fp, inputs.split_words)
         if store_corpus is not None:
             _say(f"reusing corpus store {cdir} ({len(store_corpus)} passages; {passages} unchanged)")
         else:
@@ -360,56 +495,94 @@ def _build_locked(
             _drop_staged_index(work)
             shutil.rmtree(cdir, ignore_errors=True)
             t = time.perf_counter()
-            store_corpus = build_corpus(passages, cdir, split_words=split_words, progress=progress, strict=strict,
-                                        fingerprint=passages_fp)
+            store_corpus = build_corpus(passages, cdir, split_words=inputs.split_words, progress=progress,
+                                        strict=inputs.strict, fingerprint=passages_fp)
             _say(f"corpus: {len(store_corpus)} passages ({time.perf_counter() - t:.1f}s)")
-        for w in input_warnings(store_corpus, str(passages), strict):
+        for w in input_warnings(store_corpus, str(passages), inputs.strict):
             _warn(w)
     fault_point("corpus")
 
-    # --- document embeddings
+    # --- the embedding directory: the encoding job made ready (shards left to encode), or the import done
     edir = work / "embeddings"
+    prepared = _Prepared(record, store_corpus, loaded, None, None, [], _mtime(edir / STORE_MANIFEST),
+                         any(edir.glob("shard-*.npy")), t0, time.perf_counter())
     if imported is None:
-        t = time.perf_counter()
-        before = _mtime(edir / STORE_MANIFEST)
-        resumed = any(edir.glob("shard-*.npy"))
 
         def restart(why: str) -> None:
             _say(f"re-encoding from scratch: {edir} holds another job ({why})")
             _drop_staged_index(work)
 
-        store = encode_corpus(
-            store_corpus, loaded, edir, encoder_fingerprint=encoder_fp, dtype=dtype, progress=progress,
-            on_other_job=restart, **encode_options,
+        prepared.job = EncodingJob.for_corpus(store_corpus, encoder_fingerprint=encoder_fp, dtype=inputs.dtype,
+                                              **inputs.encode_options)
+        prepared.missing = start_job(edir, prepared.job, on_other_job=restart)
+        return prepared
+    why = _import_reuse(edir, store_corpus, imported, inputs.dtype, encoder_fp)
+    if why is None:
+        prepared.store = EmbeddingStore(edir)
+        _say(f"reusing imported embedding store {edir}")
+    else:
+        if why:
+            _say(f"importing again: {why}")
+        _drop_staged_index(work)
+        shutil.rmtree(edir, ignore_errors=True)
+        prepared.store = import_embeddings(
+            store_corpus, edir, dpr_pickles=embeddings_pkl, npy=embeddings_npy, ids=inputs.embeddings_ids,
+            dtype=inputs.dtype, encoder_fingerprint=encoder_fp, progress=progress, inputs=imported,
         )
-        dt = time.perf_counter() - t
-        if before is not None and before == _mtime(edir / STORE_MANIFEST):
+        _say(f"imported {prepared.store.count} x {prepared.store.dim} embeddings")
+    return prepared
+
+
+def _encode_lead_share(team: _Team, prepared: _Prepared, work: Path, progress: bool) -> None:
+    """Process 0 encodes its share of the missing shards, then waits for the others' shares.
+
+    Shares are the missing shards dealt round-robin (process p takes the
+    p-th, (p+N)-th, ...): equal work whatever an earlier run finished, and
+    the shards complete roughly in order, so a kill leaves few gaps.
+    """
+    job, missing = prepared.job, prepared.missing
+    if job is None or not missing:
+        return
+    mine = missing[::team.count]
+    if team.count == 1:
+        desc, done = "encode", job.count - sum(job.rows_in(s) for s in missing)
+    else:
+        desc, done = f"encode (process 0's {len(mine)} of {len(missing)} shards)", 0
+        _say(f"encoding {len(missing)} shards with {team.count} processes")
+    if mine:
+        encode_shards(prepared.corpus, prepared.encoder, work / "embeddings", job, mine, progress=progress,
+                      progress_desc=desc, progress_done=done)
+    if team.count > 1:
+        _say(f"process 0 encoded its shards; waiting for the other {team.count - 1} process(es)")
+    for p in range(1, team.count):
+        msg = team.wait(f"encoded/{p}")
+        if "error" in msg:
+            raise TeamError(f"process {p} failed while encoding: {msg['error']}")
+
+
+def _finish(prepared: _Prepared, out: Path, work: Path, inputs: _Inputs) -> dict[str, Any]:
+    """Process 0, every shard encoded: the embedding manifest, the searcher and the commit."""
+    edir = work / "embeddings"
+    store_corpus = prepared.corpus
+    if prepared.job is not None:
+        store = finish_job(edir, prepared.job)
+        dt = time.perf_counter() - prepared.t_embed
+        if prepared.manifest_mtime is not None and prepared.manifest_mtime == _mtime(edir / STORE_MANIFEST):
             _say(f"reusing embedding store {edir} ({store.count} x {store.dim})")
-        elif resumed:  # shards of an earlier run were kept (or dropped, if another job: logged above)
+        elif prepared.resumed:  # shards of an earlier run were kept (or dropped, if another job: logged above)
             _say(f"embeddings of {len(store_corpus)} passages ready in {dt:.1f}s")
         else:
             _say(f"encoded {len(store_corpus)} passages in {dt:.1f}s "
                  f"({len(store_corpus) / max(dt, 1e-9):.1f} passages/s)")
     else:
-        why = _import_reuse(edir, store_corpus, imported, dtype, encoder_fp)
-        if why is None:
-            store = EmbeddingStore(edir)
-            _say(f"reusing imported embedding store {edir}")
-        else:
-            if why:
-                _say(f"importing again: {why}")
-            _drop_staged_index(work)
-            shutil.rmtree(edir, ignore_errors=True)
-            store = import_embeddings(
-                store_corpus, edir, dpr_pickles=embeddings_pkl, npy=embeddings_npy, ids=embeddings_ids,
-                dtype=dtype, encoder_fingerprint=encoder_fp, progress=progress, inputs=imported,
-            )
-            _say(f"imported {store.count} x {store.dim} embeddings")
+        assert prepared.store is not None
+        store = prepared.store
     check_pairing(store.count, store.corpus_checksum, store_corpus)
     fault_point("embeddings")
 
     # --- searcher and manifest, then the commit
     t = time.perf_counter()
+    record = prepared.record
     staged = _read_json(work / INDEX_MANIFEST)
     if (staged and _content(staged.get("build")) == _content(record)
             and (staged.get("corpus_checksum"), staged.get("count")) == (store_corpus.checksum, store.count)):
@@ -417,17 +590,17 @@ def _build_locked(
         _say(f"reusing the finished index in {work}")
     else:
         _drop_staged_index(work)
-        params = _scann_params(store.count, index_type, scann_overrides)
-        manifest = write_index_files(work, index_type, encoder_fp, store_corpus.checksum, params,
-                                     extra={"build": record})
+        params = _scann_params(store.count, inputs.index_type, inputs.scann_overrides)
+        manifest = write_index_files(work, inputs.index_type, record["encoder_fingerprint"], store_corpus.checksum,
+                                     params, extra={"build": record})
         fault_point("index")
     commit_dir(work, out)
     fault_point("commit")
     _say(
-        f"{index_type} index of {manifest['count']} x {manifest['dim']} in "
+        f"{inputs.index_type} index of {manifest['count']} x {manifest['dim']} in "
         f"{time.perf_counter() - t:.1f}s -> {out} (search structure "
         f"{manifest['search_bytes'] / max(manifest['count'], 1):.0f} bytes/passage; "
-        f"total {time.perf_counter() - t0:.1f}s)"
+        f"total {time.perf_counter() - prepared.t0:.1f}s)"
     )
     return manifest
 

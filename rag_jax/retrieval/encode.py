@@ -1,14 +1,21 @@
 """The document-encoding job: corpus -> sharded embedding store, data-parallel and resumable.
 
 Batches have one fixed shape (the last is padded), so the encoder compiles
-once; each global batch is split over the mesh's ``data`` axis with a
-``NamedSharding`` and XLA runs the replicas in parallel. Output shards hold
-``shard_rows`` rows (a multiple of the batch size) and are written through a
-temporary file and a rename; ``job.json`` pins the job's settings. Killed and
-restarted on the same output directory, the job skips the complete shards and
-recomputes the rest with exactly the batches an uninterrupted run would use,
-so the shards are identical. A directory holding another job (other corpus,
-encoder or settings) is refused, or restarted when the caller says so.
+once per length bucket; each batch is split over the mesh's ``data`` axis
+with a ``NamedSharding`` and XLA runs the replicas in parallel. Output shards
+hold ``shard_rows`` rows (a multiple of the batch size) and are written
+through a temporary file and a rename; ``job.json`` pins the job's settings
+(an ``EncodingJob``). Killed and restarted on the same output directory, the
+job skips the complete shards and recomputes the rest with exactly the
+batches an uninterrupted run would use, so the shards are identical. A
+directory holding another job (other corpus, encoder or settings) is
+refused, or restarted when the caller says so.
+
+The steps, ``start_job`` -> ``encode_shards`` -> ``finish_job``, let several
+processes fill one directory (``rag_jax.retrieval.build``): each encodes its
+own shards on its own devices. A shard's bytes depend on the job and on the
+number of devices one batch is split over (XLA's float rounding follows the
+rows per device), not on which process encodes it.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -101,8 +109,12 @@ def make_context_tokenize(
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh ``('data',)`` over all (or the given) devices."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A 1-D mesh ``('data',)`` over this process's devices (or the given ones).
+
+    Local devices only: in a multi-process run each process encodes its own
+    shards, with no collective that could make it wait for another process.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
     return Mesh(np.asarray(devices), ("data",))
 
 
@@ -131,6 +143,160 @@ def _fingerprint(encoder: Any) -> str | None:
     return fp() if callable(fp) else None
 
 
+@dataclass(frozen=True)
+class EncodingJob:
+    """What an embedding directory is being filled with; saved as its ``job.json``.
+
+    Only settings that change the stored bytes are fields: never the number
+    of processes or devices, so a run killed under one topology is resumed
+    under another. ``batch_size`` rows (consecutive, from the start of each
+    shard) form one encoder call whatever the topology; a process whose
+    device count does not divide it pads the call with empty passages.
+    """
+
+    corpus_checksum: str
+    count: int
+    encoder_fingerprint: str | None
+    batch_size: int
+    shard_rows: int
+    max_length: int
+    dtype: str
+    token_types: str
+    length_bucket: int | None
+
+    @classmethod
+    def for_corpus(cls, corpus: Corpus, *, encoder_fingerprint: str | None, batch_size: int = 64,
+                   shard_rows: int | None = None, max_length: int = 256, dtype: str = "float32",
+                   token_types: str = "zeros", length_bucket: int | None = 64) -> EncodingJob:
+        """The job for ``corpus``; ``shard_rows`` (default 64 batches) is rounded up to whole batches."""
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        np_dtype(dtype)  # validates the name
+        if token_types not in ("zeros", "pair"):
+            raise ValueError(f"token_types must be 'zeros' or 'pair', got {token_types!r}")
+        rows = int(math.ceil((shard_rows or batch_size * 64) / batch_size) * batch_size)
+        return cls(corpus.checksum, len(corpus), encoder_fingerprint, int(batch_size), rows, int(max_length),
+                   dtype, token_types, length_bucket or None)
+
+    @classmethod
+    def read(cls, out_dir: str | os.PathLike) -> EncodingJob:
+        """The job a directory was started for (written by ``start_job``)."""
+        return cls(**json.loads((Path(out_dir) / JOB_FILE).read_text()))
+
+    @property
+    def num_shards(self) -> int:
+        return max(1, math.ceil(self.count / self.shard_rows))
+
+    def rows_in(self, shard: int) -> int:
+        return max(0, min(self.shard_rows, self.count - shard * self.shard_rows))
+
+    def missing(self, out_dir: str | os.PathLike) -> list[int]:
+        """The shards not yet complete in ``out_dir``, in order."""
+        out = Path(out_dir)
+        return [s for s in range(self.num_shards) if not _shard_complete(out / shard_name(s), self.rows_in(s))]
+
+
+def start_job(out_dir: str | os.PathLike, job: EncodingJob,
+              on_other_job: Callable[[str], None] | None = None) -> list[int]:
+    """Prepares ``out_dir`` for ``job`` and returns the shards still to encode.
+
+    A directory holding a run of the same job keeps its complete shards (a
+    complete store: nothing to encode). One holding another job raises
+    ValueError naming what differs, or, with ``on_other_job``, calls it with
+    the difference and starts over in an emptied directory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = asdict(job)
+    other = _other_job(out, settings)
+    if other is not None:
+        if on_other_job is None:
+            raise ValueError(f"{out}: holds a different encoding job ({other}); use another directory or delete it")
+        on_other_job(other)
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+    _write_job(out, settings)
+    return [] if (out / STORE_MANIFEST).is_file() else job.missing(out)
+
+
+def encode_shards(
+    corpus: Corpus,
+    encoder: Any,
+    out_dir: str | os.PathLike,
+    job: EncodingJob,
+    shards: Sequence[int],
+    *,
+    tokenize: Callable[[Sequence[str], Sequence[str]], dict[str, np.ndarray]] | None = None,
+    tokenizer: Any = None,
+    mesh: Mesh | None = None,
+    batch_axis: str = "data",
+    progress: bool = True,
+    progress_desc: str = "encode",
+    progress_done: int = 0,
+) -> None:
+    """Encodes the given shards of ``job`` into ``out_dir`` (each saved atomically).
+
+    Runs on ``mesh`` (default: this process's devices) and nothing else, so
+    processes encoding different shards of one directory never wait for each
+    other. The progress bar counts ``progress_done`` rows as already done.
+    """
+    if (corpus.checksum, len(corpus)) != (job.corpus_checksum, job.count):
+        raise ValueError(f"{out_dir}: its encoding job is for another corpus than {corpus.path}")
+    mesh = mesh or data_mesh()
+    n_data = mesh.shape[batch_axis]
+    # Every call has this fixed shape (the encoder compiles once per length bucket).
+    call_rows = int(math.ceil(job.batch_size / n_data) * n_data)
+    if tokenize is None:
+        tokenizer = tokenizer if tokenizer is not None else getattr(encoder, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("no tokenizer: pass tokenize= or tokenizer=, or an encoder with .tokenizer")
+        tokenize = make_context_tokenize(tokenizer, job.max_length, job.token_types)
+    out = Path(out_dir)
+    run = _batch_encoder(encoder, mesh, batch_axis)
+    total = progress_done + sum(job.rows_in(s) for s in shards)
+    bar = _progress(progress, progress_desc, total=total, unit="psg", initial=progress_done)
+    try:
+        for s in shards:
+            start, rows = s * job.shard_rows, job.rows_in(s)
+            pieces = []
+            pending = None  # one batch in flight: tokenize the next while the device works
+            for b0 in range(start, start + rows, job.batch_size):
+                n = min(job.batch_size, start + rows - b0)
+                titles, texts = corpus.batch(b0, b0 + n)
+                # Fixed shapes: pad with empty passages, drop their outputs. They
+                # do not change the batch's length bucket (its longest passage).
+                titles += [""] * (call_rows - n)
+                texts += [""] * (call_rows - n)
+                batch = _trim(tokenize(titles, texts), job.length_bucket)
+                result = run(batch)
+                if pending is not None:
+                    pieces.append(_fetch(*pending, bar))
+                pending = (result, n)
+            if pending is not None:
+                pieces.append(_fetch(*pending, bar))
+            save_npy_atomic(out / shard_name(s), to_storage(np.concatenate(pieces), job.dtype))
+            fault_point(f"shard-{s}")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def finish_job(out_dir: str | os.PathLike, job: EncodingJob) -> EmbeddingStore:
+    """Writes the store manifest once every shard of ``job`` is complete (then the store is usable)."""
+    out = Path(out_dir)
+    if not (out / STORE_MANIFEST).is_file():
+        missing = job.missing(out)
+        if missing:
+            shown = ", ".join(shard_name(s) for s in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise ValueError(f"{out}: {len(missing)} of {job.num_shards} embedding shards are missing or "
+                             f"incomplete ({shown})")
+        dim = int(np.load(out / shard_name(0), mmap_mode="r").shape[1])
+        write_store_manifest(out, dim, job.count, job.dtype, job.shard_rows,
+                             [shard_name(s) for s in range(job.num_shards)], job.encoder_fingerprint,
+                             job.corpus_checksum, job=asdict(job))
+    return EmbeddingStore(out)
+
+
 def encode_corpus(
     corpus: Corpus,
     encoder: Any,
@@ -155,8 +321,9 @@ def encode_corpus(
     ``encoder`` is an object from ``rag_jax.load_encoder`` (its pure
     ``apply_fn``/``params`` are jitted with batch-sharded inputs) or a
     function ``encode_fn(input_ids [N, L], attention_mask [N, L]) -> [N, D]``
-    called with batch-sharded jax arrays. ``batch_size`` is the global batch,
-    rounded up to a multiple of the data-axis size. ``length_bucket`` trims
+    called with batch-sharded jax arrays. ``batch_size`` rows are encoded at
+    once, split over the mesh's ``data`` axis (padded to a multiple of its
+    size). ``length_bucket`` trims
     each batch's padding to the next multiple of it above the batch's longest
     passage (at most ``max_length / length_bucket`` compiled shapes; DPR's
     100-word passages mostly need 192 of 256 tokens); ``None`` always pads
@@ -166,83 +333,21 @@ def encode_corpus(
     ``out_dir`` may hold an unfinished (or finished) run of the same job,
     which is resumed (or returned). If it holds a different job, ValueError
     names what differs; with ``on_other_job`` that function is called with
-    the difference instead and the directory is emptied and started over.
+    the difference and the directory is emptied and started over.
+    (``start_job`` / ``encode_shards`` / ``finish_job`` are the steps, for a
+    job split over processes.)
     """
-    mesh = mesh or data_mesh()
-    n_data = mesh.shape[batch_axis]
-    batch_size = int(math.ceil(batch_size / n_data) * n_data)
-    shard_rows = int(shard_rows or batch_size * 64)
-    if shard_rows % batch_size:
-        shard_rows = int(math.ceil(shard_rows / batch_size) * batch_size)
-    np_dtype(dtype)  # validates the name
-    if tokenize is None:
-        tokenizer = tokenizer if tokenizer is not None else getattr(encoder, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("no tokenizer: pass tokenize= or tokenizer=, or an encoder with .tokenizer")
-        tokenize = make_context_tokenize(tokenizer, max_length, token_types)
-    fingerprint = encoder_fingerprint or _fingerprint(encoder)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    job = {
-        "corpus_checksum": corpus.checksum,
-        "count": len(corpus),
-        "encoder_fingerprint": fingerprint,
-        "batch_size": batch_size,
-        "shard_rows": shard_rows,
-        "max_length": max_length,
-        "dtype": dtype,
-        "token_types": token_types,
-        "length_bucket": length_bucket,
-    }
-    other = _other_job(out, job)
-    if other is not None:
-        if on_other_job is None:
-            raise ValueError(f"{out}: holds a different encoding job ({other}); use another directory or delete it")
-        on_other_job(other)
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
-    _write_job(out, job)
-    num_shards = max(1, math.ceil(len(corpus) / shard_rows))
-    names = [shard_name(i) for i in range(num_shards)]
-    if (out / STORE_MANIFEST).is_file():
-        return EmbeddingStore(out)
-    done = [i for i in range(num_shards) if _shard_complete(out / names[i], _rows_in(i, shard_rows, len(corpus)))]
-    done_rows = sum(_rows_in(i, shard_rows, len(corpus)) for i in done)
-    run = _batch_encoder(encoder, mesh, batch_axis)
-    bar = _progress(progress, "encode", total=len(corpus), unit="psg", initial=done_rows)
-    dim = None
-    try:
-        for s in range(num_shards):
-            if s in done:
-                continue
-            start, rows = s * shard_rows, _rows_in(s, shard_rows, len(corpus))
-            pieces = []
-            pending = None  # one batch in flight: tokenize the next while the device works
-            for b0 in range(start, start + rows, batch_size):
-                n = min(batch_size, start + rows - b0)
-                titles, texts = corpus.batch(b0, b0 + n)
-                if n < batch_size:  # fixed shapes: pad with empty passages, drop their outputs
-                    titles += [""] * (batch_size - n)
-                    texts += [""] * (batch_size - n)
-                batch = _trim(tokenize(titles, texts), length_bucket)
-                result = run(batch)
-                if pending is not None:
-                    pieces.append(_fetch(*pending, bar))
-                pending = (result, n)
-            if pending is not None:
-                pieces.append(_fetch(*pending, bar))
-            block = to_storage(np.concatenate(pieces), dtype)
-            dim = block.shape[1]
-            save_npy_atomic(out / names[s], block)
-            fault_point(f"shard-{s}")
-        if dim is None:
-            dim = int(np.load(out / names[0], mmap_mode="r").shape[1])
-        write_store_manifest(out, dim, len(corpus), dtype, shard_rows, names, fingerprint, corpus.checksum,
-                             job=job)
-    finally:
-        if bar is not None:
-            bar.close()
-    return EmbeddingStore(out)
+    job = EncodingJob.for_corpus(
+        corpus, encoder_fingerprint=encoder_fingerprint or _fingerprint(encoder), batch_size=batch_size,
+        shard_rows=shard_rows, max_length=max_length, dtype=dtype, token_types=token_types,
+        length_bucket=length_bucket,
+    )
+    missing = start_job(out_dir, job, on_other_job)
+    if missing:
+        done = job.count - sum(job.rows_in(s) for s in missing)
+        encode_shards(corpus, encoder, out_dir, job, missing, tokenize=tokenize, tokenizer=tokenizer, mesh=mesh,
+                      batch_axis=batch_axis, progress=progress, progress_done=done)
+    return finish_job(out_dir, job)
 
 
 def _trim(batch: dict[str, np.ndarray], bucket: int | None) -> dict[str, np.ndarray]:
@@ -259,10 +364,6 @@ def _fetch(result: Any, n: int, bar: Any) -> np.ndarray:
     if bar is not None:
         bar.update(n)
     return arr
-
-
-def _rows_in(shard: int, shard_rows: int, count: int) -> int:
-    return max(0, min(shard_rows, count - shard * shard_rows))
 
 
 def _shard_complete(path: Path, rows: int) -> bool:
