@@ -156,6 +156,8 @@ def export_from_workdir(config: Any, workdir: str | os.PathLike, out: str | os.P
     models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
     params, _ = restore_params(config, workdir, models)
     task = make_task(config, models)
+    if jax.process_index() != 0:
+        return  # every process of a multi-process export restores; one writes
     RagModel(task.config, params, models.question_tokenizer, models.generator_tokenizer).save_hf(out)
     index_dir = config.retrieval.index_dir or None
     write_inference_json(

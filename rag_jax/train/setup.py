@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +111,19 @@ def _corpus_texts(config: Any) -> list[str]:
     return texts
 
 
+def _written_by_process_zero(out: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(out)`` on process 0 while the others wait, then every process
+    reads ``out``: several processes writing one workdir's files at once would
+    race (the same barrier as the QA dataset's)."""
+    if jax.process_index() == 0:
+        write(out)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"rag_jax wrote {out}")
+    return out
+
+
 def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Models:
     """Loads HF checkpoints named in the config, or builds tiny random ones
     (training their tokenizers on the run's own data when none is given)."""
@@ -127,14 +140,18 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
         q_tok = load_tokenizer(q_tok_path, "bert")
     else:
         texts = texts or _corpus_texts(config)
-        q_tok = load_tokenizer(_train_question_tokenizer(texts, tok_dir / "question", m.tiny.question_encoder.vocab_size), "bert")
+        q_dir = _written_by_process_zero(tok_dir / "question", lambda out: _train_question_tokenizer(
+            texts, out, m.tiny.question_encoder.vocab_size))
+        q_tok = load_tokenizer(q_dir, "bert")
     if g_tok_path:
         g_tok = load_tokenizer(g_tok_path, "bart")
     else:
         from rag_jax.data.train_tokenizer import train_bart_tokenizer
 
         texts = texts or _corpus_texts(config)
-        g_tok = load_tokenizer(train_bart_tokenizer(texts, tok_dir / "generator", m.tiny.generator.vocab_size), "bart")
+        g_dir = _written_by_process_zero(tok_dir / "generator", lambda out: train_bart_tokenizer(
+            texts, out, m.tiny.generator.vocab_size))
+        g_tok = load_tokenizer(g_dir, "bart")
 
     r_q, r_g = jax.random.split(rng)
     if m.question_encoder:
