@@ -34,7 +34,9 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     emb.add_argument("--embeddings-pkl", help="glob of DPR wikipedia_passages_*.pkl (id, vector) shards to import")
     emb.add_argument("--embeddings-npy", help="[N, D] .npy array to import (with --embeddings-ids)")
     emb.add_argument("--embeddings-ids", help="ids of the .npy rows: text file (one per line), .json or .npy list")
-    emb.add_argument("--batch-size", type=int, default=64, help="global encoding batch (split over all devices)")
+    emb.add_argument("--batch-size", type=int, default=64,
+                     help="passages encoded at once by each process, split over its devices (padded to a "
+                          "multiple of their number)")
     emb.add_argument("--max-length", type=int, default=256, help="passage token length ([CLS] title [SEP] text [SEP])")
     emb.add_argument("--length-bucket", type=int, default=64,
                      help="pad each batch to a multiple of this above its longest passage (0: always --max-length)")

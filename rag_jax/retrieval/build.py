@@ -256,6 +256,12 @@ def build_index_dir(
     ``strict`` makes empty passage texts and non-integer DPR TSV ids errors
     (otherwise warnings). An existing ``out`` built from the same inputs and
     options is returned as it is; any other existing ``out`` needs ``overwrite``.
+
+    In a multi-process jax run, call it in every process with the same
+    arguments: ``out`` must be on a file system all of them see. Each
+    returns the manifest; process 0 alone prints, holds ``OUT.lock`` (for
+    the whole team) and writes everything but the embedding shards. One
+    ``batch_size`` batch is split over a process's own devices.
     """
     out = Path(out)
     if bool(passages) == bool(corpus):
