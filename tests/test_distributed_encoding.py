@@ -164,3 +164,16 @@ def test_a_second_build_of_the_same_out_is_refused_while_two_processes_hold_it(i
         cluster.send_signal(signal.SIGTERM)  # forwarded to both; process 0 gets it once continued
         os.kill(holder, signal.SIGCONT)
         cluster.communicate(timeout=60)
+
+
+def test_an_error_in_process_0_stops_the_others_in_one_line(inputs, tmp_path):
+    args, _ = inputs
+    bad = [tmp_path / "missing.tsv" if a == args[1] else a for a in args]  # --passages names no file
+    done = _two_processes([*bad, "--out", tmp_path / "idx"])
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert f"[p0] rag-jax build-index: error: {tmp_path / 'missing.tsv'}: no such file" in lines, done.stdout
+    # Process 1 does not wait for a process 0 that gave up: it says why, in one line (unless the
+    # launcher stopped it first, having seen process 0 fail).
+    assert not [line for line in lines if line.startswith("[p1]") and "Traceback" in line], done.stdout
+    assert not (tmp_path / "idx.lock").exists()
