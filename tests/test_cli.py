@@ -22,7 +22,7 @@ def fake_train(monkeypatch):
 
     def fake(config, workdir):
         seen.append((config, workdir))
-        return {"test": {"exact_match": 0.5, "per_example": [1, 0]}}
+        return {"test": {"exact_match": 0.5, "per_example": [1, 0]}, "preempted": False}
 
     monkeypatch.setattr(loop, "train_and_evaluate", fake)
     return seen

@@ -15,6 +15,7 @@ from rag_jax.data import qa_formats
 from rag_jax.eval.monitor import CollapseMonitor, collapse_stats
 from rag_jax.eval.qa import qa_metrics
 from rag_jax.eval.retrieval import answer_hits, gold_hits, top_k_accuracy
+from rag_jax.train.logger import append_metrics
 from rag_jax.rag.model import RagModel
 from rag_jax.train.setup import build_models, check_inputs, make_task, restore_params
 from rag_jax.train.task import RagTask
@@ -59,7 +60,8 @@ def evaluate(
     t0 = time.perf_counter()
     starts = list(range(0, len(questions), batch_size))
     mine = starts[jax.process_index()::jax.process_count()]
-    bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress, leave=False)
+    bar = tqdm(total=len(questions), desc="eval", unit="q", disable=not progress or jax.process_index() != 0,
+               leave=False)
     local: list[dict[str, np.ndarray]] = []
     for start in mine:
         qs = list(questions[start : start + batch_size])
@@ -71,7 +73,9 @@ def evaluate(
         )
         local.append(_batch_record(task, r, np.asarray(out), n, answers[start : start + n],
                                    None if positive_ids is None else positive_ids[start : start + n], max_length))
-        bar.update(n * jax.process_count())
+        # Every process decodes one batch per round: show the round's questions.
+        first = starts.index(start) - jax.process_index()
+        bar.update(sum(min(batch_size, len(questions) - s) for s in starts[first : first + jax.process_count()]))
     bar.close()
     records = _all_batches(local, len(starts), task, batch_size, k, max_length)
 
@@ -134,8 +138,11 @@ def _all_batches(local: list[dict[str, np.ndarray]], n_batches: int, task: Any, 
              "collapse": np.zeros(len(CollapseMonitor.KEYS), np.float64)}
     padded = local + [blank] * (rounds - len(local))
     stacked = {key: np.stack([rec[key] for rec in padded]) for key in blank}
-    gathered = multihost_utils.process_allgather(stacked)  # leaves [P, rounds, ...]
-    return [{key: np.asarray(v[j % count, j // count]) for key, v in gathered.items()} for j in range(n_batches)]
+    # jax arrays are 32-bit here: float64 statistics travel as their raw bytes.
+    stacked["collapse"] = stacked["collapse"].view(np.uint32)
+    gathered = jax.tree.map(np.asarray, multihost_utils.process_allgather(stacked))  # leaves [P, rounds, ...]
+    gathered["collapse"] = gathered["collapse"].view(np.float64)
+    return [{key: v[j % count, j // count] for key, v in gathered.items()} for j in range(n_batches)]
 
 
 def _read_split(path: str, fmt: str) -> tuple[list[str], list[list[str]], list[list[str]] | None]:
@@ -163,14 +170,17 @@ def fmt_metrics(ev: dict[str, Any]) -> str:
 
 def evaluate_checkpoint(config: Any, workdir: str | os.PathLike, split: str = "test",
                         verbose: bool = True) -> dict[str, Any]:
-    """EM/F1, recall@k and collapse statistics of the latest checkpoint on a split."""
+    """EM/F1, recall@k and collapse statistics of the newest verified checkpoint
+    on a split; also appended to ``workdir/metrics.jsonl`` (by process 0)."""
     check_inputs(config, required=(split,), trained_workdir=workdir)  # before tokenizers are trained into workdir
     file = {"dev": config.data.dev_file, "test": config.data.test_file}[split]
     models = build_models(config, workdir, jax.random.PRNGKey(config.train.seed))
     params, step = restore_params(config, workdir, models)
     task = make_task(config, models)
     rag_model = RagModel(task.config, params, models.question_tokenizer, models.generator_tokenizer)
-    metrics = run_eval(config, task, rag_model, params, file, verbose)
+    metrics = run_eval(config, task, rag_model, params, file, verbose and jax.process_index() == 0)
     metrics["step"] = step
+    if jax.process_index() == 0:
+        append_metrics(workdir, step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, split)
     return metrics
 

@@ -46,9 +46,7 @@ class MetricLogger:
                     self._writer.add_scalar(f"{prefix}/{k}", float(v), step)
             self._writer.flush()
         if self._jsonl is not None:
-            record = {"step": int(step), **({} if prefix == "train" else {"split": prefix}),
-                      **{k: _json_number(v) for k, v in metrics.items()}}
-            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.write(_record(step, metrics, prefix))
             self._jsonl.flush()
 
     def log_train(self, step: int, metrics: Mapping[str, float]) -> str:
@@ -76,6 +74,19 @@ class MetricLogger:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def append_metrics(workdir: str | os.PathLike, step: int, metrics: Mapping[str, float], split: str) -> None:
+    """One evaluation's record appended to ``workdir/metrics.jsonl`` (an
+    evaluation of a finished run, outside any logger)."""
+    with open(os.path.join(os.fspath(workdir), METRICS_FILE), "a", encoding="utf-8") as f:
+        f.write(_record(step, metrics, split))
+
+
+def _record(step: int, metrics: Mapping[str, float], prefix: str) -> str:
+    record = {"step": int(step), **({} if prefix == "train" else {"split": prefix}),
+              **{k: _json_number(v) for k, v in metrics.items()}}
+    return json.dumps(record) + "\n"
 
 
 def _json_number(v: float | None) -> float | None:
