@@ -196,6 +196,14 @@ class ScannParams:
     # nowhere ("none": hashed scores only).
     reorder_dtype: str = "memmap"
     num_neighbors: int = 10
+    # k-means centre initialization of the tree. ScaNN's random initialization
+    # ignores every seed: two builds from the same embeddings give different
+    # partitions, codebooks and search results (measured: every run differed,
+    # with 1 or 2 training threads, idle or loaded). k-means++ is seeded, so the
+    # same embeddings give a byte-identical index whatever the thread count
+    # or load, at a slower partitioner training (3.7 s -> 26-30 s for 316
+    # leaves on 100k x 128 rows, 2 loaded cores). True restores ScaNN's default.
+    random_init: bool = False
 
     @classmethod
     def for_size(cls, n: int, **overrides: Any) -> "ScannParams":
@@ -220,6 +228,7 @@ class ScannParams:
         if p.brute_force:
             p.num_leaves = p.num_leaves_to_search = p.training_sample_size = p.dims_per_block = p.reorder_k = 0
             p.anisotropic_quantization_threshold = 0.0
+            p.random_init = False
             if p.reorder_dtype not in _SCANN_REORDER:
                 p.reorder_dtype = "float32"  # brute force scores exactly in float32 without a quantized copy
             return p
@@ -267,6 +276,7 @@ def build_scann_searcher(embeddings: np.ndarray, params: ScannParams):  # noqa: 
             num_leaves=params.num_leaves,
             num_leaves_to_search=params.num_leaves_to_search,
             training_sample_size=min(params.training_sample_size, len(db)),
+            random_init=params.random_init,
         )
         b = b.score_ah(params.dims_per_block, anisotropic_quantization_threshold=params.anisotropic_quantization_threshold)
         if params.reorder_dtype in rtype:
