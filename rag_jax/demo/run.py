@@ -205,7 +205,7 @@ def _stage_revised_index(work: Path, passages: Path, base_index: Path) -> Path:
         batch = tokenize([corpus.title(r) for r in rows], [corpus.text(r) for r in rows])
         emb[rows] = np.asarray(encoder.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
     build_index(emb, out, kind="scann", corpus=corpus, include_corpus=True,
-                encoder_fingerprint=base.manifest.get("encoder_fingerprint"), overwrite=True, move_corpus=True)
+                encoder_fingerprint=base.manifest.get("encoder_fingerprint"), overwrite=True)
     shutil.rmtree(tmp, ignore_errors=True)
     _say(f"revised index: re-encoded {len(changed)} changed passages of {len(corpus)} -> {out}")
     return out
