@@ -15,16 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import DPRConfig, DPRContextEncoder
 
 from rag_jax.retrieval.encode import EncodingJob
 from rag_jax.retrieval.faults import ENV as FAULT_ENV
 from rag_jax.retrieval.index import INDEX_MANIFEST, load_index
+from tests.tiny_context_encoder import WORDS, save_tiny_context_encoder
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = "the a of in is was river city born capital mountain paris france music earth sea who where".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("bcdefghijklmnopqrstuvwxyz")
 # 75 passages, batches of 8 (2 devices: 4 rows each), shards of 16 rows: 5 shards, the last of 11 rows
 # (its last batch padded). With 2 processes, process 0 encodes shards 0, 2, 4 and process 1 shards 1, 3.
 N_PASSAGES = 75
@@ -37,15 +34,7 @@ TIMING = ("build_seconds", "checked_ns")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    ctx = root / "ctx"
-    model = DPRContextEncoder(DPRConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=24, max_position_embeddings=32))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(ctx)
-    (ctx / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    ctx = save_tiny_context_encoder(root / "ctx")
     tsv = root / "psgs.tsv"
     rng = np.random.default_rng(0)
     with open(tsv, "w", encoding="utf-8") as f:

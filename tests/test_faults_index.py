@@ -15,15 +15,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from transformers import DPRConfig, DPRContextEncoder
 
 from rag_jax.cli import main as cli_main
 from rag_jax.retrieval.faults import ENV
 from rag_jax.retrieval.index import load_index
+from tests.tiny_context_encoder import WORDS, save_tiny_context_encoder
 
-WORDS = "the a of in is was river city born capital mountain paris france music earth sea who where".split()
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("bcdefghijklmnopqrstuvwxyz")
 # 37 passages, batches of 8, shards of 16 rows: shards of 16, 16 and 5 rows.
 ENCODE = ["--batch-size", "8", "--shard-rows", "16", "--max-length", "24", "--index-type", "exact"]
 
@@ -39,16 +36,7 @@ def _tsv(path, n, start=0):
 
 @pytest.fixture(scope="module")
 def ctx_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ctx")
-    model = DPRContextEncoder(DPRConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, intermediate_size=24, max_position_embeddings=32))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    model.save_pretrained(root)
-    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    return root
+    return save_tiny_context_encoder(tmp_path_factory.mktemp("ctx"))
 
 
 def _spawn(args, fault=None):
