@@ -43,7 +43,7 @@ def main() -> None:
         t = time.perf_counter()
         ds_dir = T.build_qa_dataset({"train": csv}, root / "tfds")
         build_s = time.perf_counter() - t
-        loader = P.qa_loader_from_dir(ds_dir, "train", args.batch, seed=0, shard_index=0, shard_count=1,
+        loader = P.qa_loader_from_dir(ds_dir, "train", args.batch, seed=0,
                                       num_threads=args.threads)
         next(loader)
         t = time.perf_counter()
