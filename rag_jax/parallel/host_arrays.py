@@ -2,9 +2,9 @@
 
 In a multi-process run every process holds only the rows of the global batch
 that its own devices hold, and only the shards of each parameter that its
-devices hold. These helpers are the only places that cross that boundary, so
-the same code runs with one process (where local and global coincide) and
-with many.
+devices hold. The training loop crosses that boundary only through these
+helpers, so the same code runs with one process (where local and global
+coincide) and with many.
 """
 from __future__ import annotations
 
