@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     d.train_file = ""
     d.dev_file = ""
     d.test_file = ""
-    d.format = "auto"  # dpr_csv | jsonl | seq2seq | auto (from the file name)
+    d.format = "auto"  # one of rag_jax.data.qa_formats.FORMATS, or auto (from the name and first line)
     d.dataset_dir = ""  # where the TFDS array_record dataset is built; "" = workdir/data
     d.max_source_length = 128  # question tokens
     d.max_target_length = 25  # answer tokens

@@ -28,7 +28,7 @@ EXIT_USER_ERROR = 2  # as argparse's usage errors
 # Error classes of other modules, looked up only once their module is loaded:
 # an error of a module never imported cannot have been raised.
 _MODULE_ERRORS = (
-    ("rag_jax.data.qa_formats", "QAFormatError"),
+    ("rag_jax.data.qa_records", "QAFormatError"),
     ("rag_jax.hf.io", "CheckpointError"),
 )
 _PACKAGE_DIR = Path(__file__).resolve().parent

@@ -1,4 +1,10 @@
-"""Readers for open-domain QA files: DPR CSV, JSONL and seq2seq line pairs.
+"""Readers for QA files, and the one entry point ``read_qa(path, fmt)``.
+
+Open-domain QA: DPR CSV, JSONL, seq2seq line pairs, and CuratedTrec (DPR CSV
+or JSONL whose answers are regular expressions). The paper's other tasks
+(KILT, FEVER, MS-MARCO NLG, Jeopardy question generation) are read by
+``task_formats``; ``FORMATS`` lists every name ``data.format`` accepts besides
+``auto``.
 
 Every reader streams ``QARecord``s (one per question, all gold answers kept)
 and reports bad input with ``file:line``. ``training_pairs`` expands records
@@ -7,153 +13,87 @@ uses for NQ; evaluation keeps the full answer list for max-over-gold metrics.
 """
 from __future__ import annotations
 
-import ast
 import csv
-import json
 import os
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
-FORMATS = ("dpr_csv", "jsonl", "seq2seq")
+from rag_jax.data import task_formats
+from rag_jax.data.qa_records import (
+    QAFormatError,
+    QAPair,
+    QARecord,
+    check_answers,
+    check_question,
+    fail,
+    json_objects,
+    lines,
+    no_questions,
+    parse_answer_list,
+)
+from rag_jax.data.regex_targets import compile_pattern, regex_target
 
+__all__ = ["FORMATS", "QAFormatError", "QAPair", "QARecord", "parse_answer_list", "read_qa", "detect_format",
+           "training_pairs", "eval_pairs", "seq2seq_paths", "read_dpr_csv", "read_jsonl", "read_seq2seq",
+           "read_curatedtrec"]
 
-class QAFormatError(ValueError):
-    """Bad QA input; the message starts with ``file:line``."""
-
-
-@dataclass(frozen=True)
-class QARecord:
-    question: str
-    answers: list[str] = field(default_factory=list)
-    # Where the record came from, so later stages can point back at the input.
-    source: str = ""
-    line: int = 0
-    # JSONL ``positive_ids`` (passages that state the answer), when given.
-    positive_ids: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class QAPair:
-    question: str
-    answer: str
-    # Every gold answer of the question, kept for evaluation on training data.
-    answers: tuple[str, ...]
-    qid: int
-
-
-def _fail(path: str | os.PathLike, line: int, msg: str) -> QAFormatError:
-    return QAFormatError(f"{path}:{line}: {msg}")
-
-
-def _no_questions(path: str | os.PathLike) -> QAFormatError:
-    return QAFormatError(f"{path}: no questions (the file is empty or holds only blank lines)")
-
-
-def _lines(path: str | os.PathLike) -> Iterator[str]:
-    """The file's lines (line ends kept), decoded one by one so that invalid
-    UTF-8 is reported on its own line; a UTF-8 byte-order mark is dropped.
-
-    Text-mode reading decodes in blocks, and its error names neither the line
-    nor, through csv, the right one.
-    """
-    with open(path, "rb") as f:
-        for ln, raw in enumerate(f, 1):
-            if ln == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise _fail(path, ln, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
-                                      "line); QA files must be UTF-8 text") from None
-            yield text
-
-
-def _check_question(q: object, path: str | os.PathLike, line: int) -> str:
-    if not isinstance(q, str):
-        raise _fail(path, line, f"question must be a string, got {type(q).__name__}")
-    q = q.strip()
-    if not q:
-        raise _fail(path, line, "empty question")
-    return q
-
-
-def _check_answers(a: object, path: str | os.PathLike, line: int) -> list[str]:
-    if isinstance(a, str):
-        raise _fail(path, line, "answers must be a list of strings, got a single string")
-    if not isinstance(a, (list, tuple)):
-        raise _fail(path, line, f"answers must be a list of strings, got {type(a).__name__}")
-    out = []
-    for i, x in enumerate(a):
-        if not isinstance(x, str):
-            raise _fail(path, line, f"answer {i} is {type(x).__name__}, expected a string")
-        x = x.strip()
-        if x:
-            out.append(x)
-    if not out:
-        raise _fail(path, line, "empty answers list")
-    return out
-
-
-def parse_answer_list(text: str, path: str | os.PathLike = "<string>", line: int = 0) -> list[str]:
-    """Parses a DPR answers cell: a JSON list, or a Python list literal.
-
-    DPR's released CSVs hold Python reprs (single quotes, escaped apostrophes),
-    which JSON rejects, hence the ``ast.literal_eval`` fallback.
-    """
-    text = text.strip()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-            raise _fail(path, line, f"cannot parse answers list {text[:80]!r}: {e}") from None
-    return _check_answers(value, path, line)
+FORMATS = ("dpr_csv", "jsonl", "seq2seq", "curatedtrec") + task_formats.TASK_FORMATS
 
 
 def read_dpr_csv(path: str | os.PathLike) -> Iterator[QARecord]:
     """``question<TAB>answers-list`` lines (DPR's nq-*.qa.csv); no header."""
     # QUOTE_NONE: questions hold stray quotes that must stay literal (and no
     # field spans lines, so line_num is the file's line).
-    reader = csv.reader(_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    reader = csv.reader(lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
     count = 0
     for row in reader:
         ln = reader.line_num
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != 2:
-            raise _fail(path, ln, f"expected 2 tab-separated fields (question, answers), got {len(row)}")
-        q = _check_question(row[0], path, ln)
+            raise fail(path, ln, f"expected 2 tab-separated fields (question, answers), got {len(row)}")
+        q = check_question(row[0], path, ln)
         count += 1
         yield QARecord(q, parse_answer_list(row[1], path, ln), str(path), ln)
     if not count:
-        raise _no_questions(path)
+        raise no_questions(path)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[QARecord]:
     """One ``{"question": str, "answers": [str, ...]}`` object per line."""
     count = 0
-    for ln, text in enumerate(_lines(path), 1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _fail(path, ln, f"malformed JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise _fail(path, ln, f"expected a JSON object, got {type(obj).__name__}")
+    for ln, obj in json_objects(path):
         for key in ("question", "answers"):
             if key not in obj:
-                raise _fail(path, ln, f"missing field {key!r}")
-        q = _check_question(obj["question"], path, ln)
+                hint = ""
+                if key == "answers" and "answer" in obj:
+                    hint = " (for Jeopardy question generation, answer -> question, set data.format=jeopardy)"
+                raise fail(path, ln, f"missing field {key!r}{hint}")
+        q = check_question(obj["question"], path, ln)
         pos = obj.get("positive_ids", [])
         if not isinstance(pos, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in pos):
-            raise _fail(path, ln, "positive_ids must be a list of passage ids (ints or strings)")
+            raise fail(path, ln, "positive_ids must be a list of passage ids (ints or strings)")
         count += 1
-        yield QARecord(q, _check_answers(obj["answers"], path, ln), str(path), ln, tuple(str(x) for x in pos))
+        yield QARecord(q, check_answers(obj["answers"], path, ln), str(path), ln, tuple(str(x) for x in pos))
     if not count:
-        raise _no_questions(path)
+        raise no_questions(path)
+
+
+def read_curatedtrec(path: str | os.PathLike) -> Iterator[QARecord]:
+    """CuratedTrec, whose answers are regular expressions: DPR's
+    ``curatedtrec-*.qa.csv`` (``question<TAB>["regex", ...]``, no header) or,
+    for a ``.jsonl``/``.json`` name, ``{"question", "answers": ["regex", ...]}``
+    lines. Every pattern must compile as DPR compiles it (NFD,
+    case-insensitive); records are marked ``answer_patterns``."""
+    reader = read_jsonl if str(path).endswith((".jsonl", ".json")) else read_dpr_csv
+    for rec in reader(path):
+        for p in rec.answers:
+            try:
+                compile_pattern(p)
+            except re.error as e:
+                raise fail(path, rec.line, f"bad regex {p!r}: {e}") from None
+        yield QARecord(rec.question, rec.answers, rec.source, rec.line, rec.positive_ids, answer_patterns=True)
 
 
 def seq2seq_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -173,7 +113,7 @@ def read_seq2seq(path: str | os.PathLike) -> Iterator[QARecord]:
     for p in (src, tgt):
         if not p.exists():
             raise FileNotFoundError(f"{p}: seq2seq file missing")
-    sources, targets = _lines(src), _lines(tgt)
+    sources, targets = lines(src), lines(tgt)
     ln = 0
     while True:
         s, t = next(sources, None), next(targets, None)
@@ -182,51 +122,99 @@ def read_seq2seq(path: str | os.PathLike) -> Iterator[QARecord]:
         ln += 1
         if s is None or t is None:
             short = src if s is None else tgt
-            raise _fail(short, ln, f"{src.name} and {tgt.name} have different line counts "
+            raise fail(short, ln, f"{src.name} and {tgt.name} have different line counts "
                         f"({short.name} ends before line {ln})")
         s, t = s.rstrip("\r\n"), t.rstrip("\r\n")
-        q = _check_question(s, src, ln)
+        q = check_question(s, src, ln)
         t_stripped = t.strip()
         if t_stripped.startswith("["):
             answers = parse_answer_list(t_stripped, tgt, ln)
         else:
-            answers = _check_answers(t.split("\t") if t_stripped else [], tgt, ln)
+            answers = check_answers(t.split("\t") if t_stripped else [], tgt, ln)
         yield QARecord(q, answers, str(src), ln)
     if not ln:
-        raise _no_questions(src)
+        raise no_questions(src)
 
 
 def detect_format(path: str | os.PathLike) -> str:
+    """The format of a QA file from its name and, for JSON(L), its first line.
+
+    ``X.source``/``X.target`` (or a stem with both) -> ``seq2seq``; a name
+    containing ``curatedtrec`` -> ``curatedtrec``; ``.csv``/``.tsv`` ->
+    ``dpr_csv``; ``.jsonl``/``.json`` -> by the first line's fields: ``id`` +
+    ``input`` -> ``kilt`` (``fever`` when the name says fever or the answers
+    are FEVER labels), ``claim`` -> ``fever``, ``query`` (or MS-MARCO's column
+    JSON) -> ``msmarco``, ``answer`` + ``question`` with ``jeopardy`` /
+    ``searchqa`` in the name or a SearchQA field -> ``jeopardy``, else
+    ``jsonl``.
+    """
     name = str(path)
-    if name.endswith((".jsonl", ".json")):
-        return "jsonl"
+    base = Path(name).name.lower()
     if name.endswith((".source", ".target")) or (
         Path(name + ".source").exists() and Path(name + ".target").exists()
     ):
         return "seq2seq"
+    if "curatedtrec" in base and name.endswith((".csv", ".tsv", ".jsonl", ".json")):
+        return "curatedtrec"
     if name.endswith((".csv", ".tsv")):
         return "dpr_csv"
+    if name.endswith((".jsonl", ".json")):
+        # A missing file is the caller's to report (it names the config field).
+        return (task_formats.sniff_format(path) if Path(name).is_file() else None) or "jsonl"
     if not Path(name).exists():
         raise FileNotFoundError(f"{path}: no such file (nor {Path(name).name}.source + .target)")
     raise ValueError(f"{path}: cannot tell the QA format from the name (.jsonl, .csv/.tsv, or X.source + "
                      f"X.target); set it with --config.data.format (fmt= in Python), one of {FORMATS}")
 
 
+_READERS: dict[str, Callable[[str | os.PathLike], Iterator[QARecord]]] = {
+    "dpr_csv": read_dpr_csv,
+    "jsonl": read_jsonl,
+    "seq2seq": read_seq2seq,
+    "curatedtrec": read_curatedtrec,
+    "kilt": task_formats.read_kilt,
+    "fever": task_formats.read_fever,
+    "msmarco": task_formats.read_msmarco,
+    "jeopardy": task_formats.read_jeopardy,
+}
+
+
 def read_qa(path: str | os.PathLike, fmt: str = "auto") -> Iterator[QARecord]:
-    """Streams records of a QA file in ``fmt`` (``auto`` guesses from the name)."""
+    """Streams records of a QA file in ``fmt`` (``auto``: ``detect_format``)."""
     if fmt == "auto":
         fmt = detect_format(path)
-    readers = {"dpr_csv": read_dpr_csv, "jsonl": read_jsonl, "seq2seq": read_seq2seq}
-    if fmt not in readers:
+    if fmt not in _READERS:
         raise ValueError(f"unknown QA format {fmt!r}; expected one of {FORMATS} or 'auto'")
-    return readers[fmt](path)
+    return _READERS[fmt](path)
 
 
-def training_pairs(records: Iterable[QARecord]) -> Iterator[QAPair]:
-    """One (question, answer) pair per gold answer; duplicates of an answer kept once."""
+def _targets(r: QARecord, passages: Callable[[QARecord], Sequence[str]] | None) -> list[str]:
+    if not r.answer_patterns:
+        return r.answers
+    texts = list(passages(r)) if passages is not None else []
+    out = [t for t in (regex_target(p, texts) for p in r.answers) if t is not None]
+    if not out:
+        raise fail(r.source, r.line, f"no training target: the answer patterns {r.answers} spell no literal text "
+                                     "and match none of the passages")
+    return out
+
+
+def training_pairs(records: Iterable[QARecord],
+                   passages: Callable[[QARecord], Sequence[str]] | None = None) -> Iterator[QAPair]:
+    """One (question, answer) pair per gold answer; duplicates of an answer kept once.
+
+    Regex answers (CuratedTrec) are trained on ``regex_targets.regex_target``
+    of each pattern: its most frequent match in ``passages(record)`` (the
+    paper retrieves them) or, without passages or a match, the first string
+    the pattern spells. A record without answers (a KILT/FEVER/MS-MARCO test
+    line) fails with its ``file:line``: it can be predicted, not trained on.
+    """
     for qid, r in enumerate(records):
+        if not r.answers:
+            raise fail(r.source, r.line, "no gold answer to train on (a test file without outputs? "
+                                         "it can be used for prediction only)")
         seen: set[str] = set()
-        for a in r.answers:
+        for a in _targets(r, passages):
             if a in seen:
                 continue
             seen.add(a)
@@ -234,6 +222,7 @@ def training_pairs(records: Iterable[QARecord]) -> Iterator[QAPair]:
 
 
 def eval_pairs(records: Iterable[QARecord]) -> Iterator[QAPair]:
-    """One pair per question: first answer as target, all answers as gold."""
+    """One pair per question: first answer as target (empty for a record
+    without answers), all answers as gold."""
     for qid, r in enumerate(records):
-        yield QAPair(r.question, r.answers[0], tuple(r.answers), qid)
+        yield QAPair(r.question, r.answers[0] if r.answers else "", tuple(r.answers), qid)

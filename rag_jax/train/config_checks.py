@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from rag_jax.data.qa_formats import FORMATS
 from rag_jax.models.layers import DTYPES, PRECISIONS
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import MESH_AXES
 from rag_jax.rag.model import VARIANTS
 from rag_jax.train.optim import SCHEDULES
 
-QA_FORMATS = ("auto", "dpr_csv", "jsonl", "seq2seq")
+QA_FORMATS = ("auto",) + FORMATS
 DECODINGS = ("thorough", "fast")
 
 

@@ -59,7 +59,10 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
         for f in qa_formats.seq2seq_paths(path) if kind == "seq2seq" else (Path(path),):
             if not Path(f).is_file():
                 raise FileNotFoundError(f"{f}: no such file ({field})")
-        for _ in qa_formats.read_qa(path, d.format):  # raises on the first bad line, or on no questions
+        records = qa_formats.read_qa(path, d.format)  # raises on the first bad line, or on no questions
+        # Training data must also yield targets (a test file without answers
+        # fails here, naming its first line, before anything is written).
+        for _ in qa_formats.training_pairs(records) if split == "train" and "train" in required else records:
             pass
     dirs = [f"model.{k}" for k in ("question_encoder", "generator", "question_tokenizer", "generator_tokenizer")]
     if need_index and not config.train.closed_book:
@@ -101,7 +104,10 @@ def _corpus_texts(config: Any) -> list[str]:
         if f:
             for rec in qa_formats.read_qa(f, config.data.format):
                 texts.append(rec.question)
-                texts.extend(rec.answers)
+                if rec.answer_patterns:  # the tokenizer should see the strings trained on, not the patterns
+                    texts.extend(p.answer for p in qa_formats.training_pairs([rec]))
+                else:
+                    texts.extend(rec.answers)
     if config.retrieval.index_dir:
         from rag_jax.retrieval.index import load_index
 
