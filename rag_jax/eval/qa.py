@@ -1,15 +1,29 @@
-"""Exact match and F1 with the SQuAD official answer normalization.
+"""Exact match and F1 with the SQuAD official answer normalization, and the
+regular-expression exact match of CuratedTrec.
 
 Normalization, in the official script's order: lowercase, drop ASCII
 punctuation, drop the articles a/an/the as whole words, collapse whitespace.
 Each prediction scores the max over its gold answers; corpus figures are
 plain means over questions (in [0, 1]; multiply by 100 for paper tables).
+
+CuratedTrec gives its answers as regular expressions. A prediction matches a
+pattern as in DrQA's ``regex_match_score`` (the EM that DPR and RAG report on
+CuratedTrec follows DrQA): flags IGNORECASE | UNICODE | MULTILINE, and
+``re.match``, i.e. the pattern must match at the start of the prediction but
+may stop before its end ("Paris" matches "Paris, France"; it does not match
+"in Paris"). No SQuAD normalization is applied (a pattern spells out its own
+variants); both sides are NFD-normalized as DPR does before any regex, and
+the prediction's outer whitespace is stripped (a decoded generation may
+start with a space). A pattern that does not compile matches nothing, as in
+DrQA and DPR.
 """
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import string
+import unicodedata
 from typing import Sequence
 
 _PUNCT = set(string.punctuation)
@@ -58,3 +72,30 @@ def qa_metrics(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> di
     f = sum(max_over_gold(f1, p, g) for p, g in zip(predictions, golds))
     n = len(predictions)
     return {"exact_match": em / n, "f1": f / n, "count": n}
+
+
+@functools.lru_cache(maxsize=4096)
+def answer_pattern(pattern: str) -> re.Pattern | None:
+    """A CuratedTrec answer pattern compiled with DrQA's/DPR's flags, or None when it does not compile."""
+    try:
+        return re.compile(unicodedata.normalize("NFD", pattern), re.IGNORECASE | re.UNICODE | re.MULTILINE)
+    except re.error:
+        return None
+
+
+def regex_match(prediction: str, pattern: str) -> float:
+    """1.0 when ``pattern`` matches at the start of the prediction (DrQA's rule, see the module docstring)."""
+    compiled = answer_pattern(pattern)
+    if compiled is None:
+        return 0.0
+    return float(compiled.match(unicodedata.normalize("NFD", prediction.strip())) is not None)
+
+
+def regex_qa_metrics(predictions: Sequence[str], patterns: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus regex-match EM (in [0, 1], max over each question's patterns) plus the count scored."""
+    if len(predictions) != len(patterns):
+        raise ValueError(f"{len(predictions)} predictions vs {len(patterns)} answer-pattern lists")
+    if not predictions:
+        return {"exact_match": 0.0, "count": 0}
+    em = sum(max_over_gold(regex_match, p, g) for p, g in zip(predictions, patterns))
+    return {"exact_match": em / len(predictions), "count": len(predictions)}

@@ -5,6 +5,12 @@ A passage counts as a hit when the token sequence of a normalized gold
 answer occurs contiguously in the normalized passage tokens (whole tokens,
 so "art" does not match inside "start"). Normalization is the SQuAD one plus
 Unicode NFD (as DPR) so accented and composed forms agree.
+
+With ``match="regex"`` (CuratedTrec, whose answers are regular expressions)
+a passage is a hit when a pattern occurs anywhere in it: DPR's
+``regex_match`` (``search``, not ``match``, on the NFD text; flags
+IGNORECASE | UNICODE | MULTILINE). Answer EM anchors at the start instead
+(see ``rag_jax.eval.qa``): a passage contains an answer, a prediction is one.
 """
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rag_jax.eval.qa import normalize_answer
+from rag_jax.eval.qa import answer_pattern, normalize_answer
+
+MATCH_TYPES = ("string", "regex")
 
 
 def _tokens(text: str) -> list[str]:
@@ -37,8 +45,18 @@ def has_answer(passage: str, answers: Sequence[str]) -> bool:
     return any(_contains(hay, _tokens(a)) for a in answers)
 
 
-def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[str]]) -> np.ndarray:
-    """bool [B, K]: passage k of question b contains a gold answer of b."""
+def _regex_hit(passage: str, patterns: Sequence[str]) -> bool:
+    text = unicodedata.normalize("NFD", passage)
+    compiled = (answer_pattern(p) for p in patterns)
+    return any(c is not None and c.search(text) is not None for c in compiled)
+
+
+def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[str]],
+                match: str = "string") -> np.ndarray:
+    """bool [B, K]: passage k of question b contains a gold answer of b
+    (``match="regex"``: the answers are patterns, searched for in the passage)."""
+    if match not in MATCH_TYPES:
+        raise ValueError(f"answer match must be one of {MATCH_TYPES}, got {match!r}")
     if len(passages) != len(answers):
         raise ValueError(f"{len(passages)} passage lists vs {len(answers)} answer lists")
     widths = {len(p) for p in passages}
@@ -47,6 +65,9 @@ def answer_hits(passages: Sequence[Sequence[str]], answers: Sequence[Sequence[st
     k = widths.pop() if widths else 0
     out = np.zeros((len(passages), k), bool)
     for b, (ps, golds) in enumerate(zip(passages, answers)):
+        if match == "regex":
+            out[b] = [_regex_hit(p, golds) for p in ps]
+            continue
         gold_toks = [t for t in (_tokens(a) for a in golds) if t]
         for j, p in enumerate(ps):
             hay = _tokens(p)
