@@ -26,6 +26,8 @@ import string
 import unicodedata
 from typing import Sequence
 
+from rag_jax.data.regex_targets import compile_pattern
+
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 
@@ -76,9 +78,10 @@ def qa_metrics(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> di
 
 @functools.lru_cache(maxsize=4096)
 def answer_pattern(pattern: str) -> re.Pattern | None:
-    """A CuratedTrec answer pattern compiled with DrQA's/DPR's flags, or None when it does not compile."""
+    """A CuratedTrec answer pattern compiled as the reader compiles it for
+    training targets (NFD; DrQA's/DPR's flags), or None when it does not compile."""
     try:
-        return re.compile(unicodedata.normalize("NFD", pattern), re.IGNORECASE | re.UNICODE | re.MULTILINE)
+        return compile_pattern(pattern)
     except re.error:
         return None
 
