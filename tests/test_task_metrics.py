@@ -35,6 +35,24 @@ def test_bleu_1_brevity_penalty():
     assert G.bleu_1(["The Cat"], [["the cat sat on the mat"]]) == pytest.approx(math.exp(-2))
 
 
+def test_bleu_1_agrees_with_nltk_on_random_multi_reference_corpora():
+    # nltk's corpus_bleu with unigram weights is an independent BLEU-1 (closest
+    # reference length, max-over-references clipping); lowercase tokens without
+    # punctuation make both tokenizations plain whitespace splits.
+    import random
+
+    from nltk.translate.bleu_score import corpus_bleu
+
+    rng, vocab = random.Random(1), "a b c d e f g h".split()
+    for _ in range(50):
+        n = rng.randint(1, 5)
+        hyps = [" ".join(rng.choices(vocab, k=rng.randint(1, 7))) for _ in range(n)]
+        refs = [[" ".join(rng.choices(vocab, k=rng.randint(1, 7))) for _ in range(rng.randint(1, 3))]
+                for _ in range(n)]
+        want = corpus_bleu([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps], weights=(1.0,))
+        assert G.bleu_1(hyps, refs) == pytest.approx(want, abs=1e-12)
+
+
 # ---------------------------------------------------------------- ROUGE-L
 
 def test_rouge_l_lcs_by_hand():
