@@ -113,7 +113,8 @@ def test_tfds_dataset_rows_in_file_order(built):
     train = T.open_split(ds_dir, "train")
     assert len(train) == 40 + 14  # one row per answer: 14 questions (i % 3 == 0) have two
     rows = [P.decode_row(train[i]) for i in range(len(train))]
-    assert rows[0] == {"question": "question 0?", "answer": "ans 0", "answers": ["ans 0", "alt 0"], "qid": 0}
+    assert rows[0] == {"question": "question 0?", "answer": "ans 0", "answers": ["ans 0", "alt 0"], "qid": 0,
+                       "record_id": "", "positive_ids": [], "titles": [], "answer_patterns": False}
     assert rows[1]["answer"] == "alt 0" and rows[2]["answer"] == "ans 1"
     assert [r["qid"] for r in rows] == sorted(r["qid"] for r in rows)
     dev = T.open_split(ds_dir, "validation")

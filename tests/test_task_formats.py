@@ -331,3 +331,36 @@ def test_config_accepts_every_format_and_refuses_training_on_a_test_file(tmp_pat
     cfg.data.train_file = str(test)
     with pytest.raises(F.QAFormatError, match=rf"^{test}:1: no gold answer to train on"):
         check_inputs(cfg, need_index=False)
+
+
+# ------------------------------------------------------------ TFDS dataset
+def test_tfds_rows_carry_provenance_and_regex_targets(tmp_path):
+    from rag_jax.data import pipeline as P
+    from rag_jax.data import tfds_builders as T
+
+    kilt = _jsonl(tmp_path / "nq-train-kilt.jsonl", KILT_NQ,
+                  {"id": "q2", "input": "who wrote hamlet", "output": [{"answer": "Shakespeare"}]})
+    trec = _write(tmp_path / "curatedtrec-train.qa.csv", "Who was the first U.S. president?\t['(George )?Washington']\n")
+    ds = T.build_qa_dataset({"train": kilt, "validation": trec}, tmp_path / "tfds",
+                            pair_splits=("train", "validation"))
+    train = [P.decode_row(r) for r in T.open_split(ds, "train")]
+    assert [(r["answer"], r["qid"], r["record_id"]) for r in train] == [
+        ("Wembley Stadium", 0, "-143054837169120955"), ("the new Wembley Stadium", 0, "-143054837169120955"),
+        ("Shakespeare", 1, "q2")]
+    assert train[0]["positive_ids"] == ["1025669", "45309", "7777"]
+    assert train[0]["titles"] == ["FA Cup", "Wembley", "Semi-final"]
+    assert train[2]["positive_ids"] == [] and not train[0]["answer_patterns"]
+    (row,) = [P.decode_row(r) for r in T.open_split(ds, "validation")]
+    assert (row["answer"], row["answers"], row["answer_patterns"]) == (
+        "George Washington", ["(George )?Washington"], True)
+    batch = next(P.qa_loader_from_dir(ds, "train", 3, shuffle=False))
+    assert batch["record_id"] == ["-143054837169120955"] * 2 + ["q2"]
+    assert batch["answer_patterns"].tolist() == [False] * 3
+    # A test file (no outputs) as training data fails before anything is written.
+    test = _jsonl(tmp_path / "nq-test-kilt.jsonl", {"id": "1", "input": "q"})
+    with pytest.raises(F.QAFormatError, match=rf"^{test}:1: no gold answer to train on"):
+        T.build_qa_dataset({"train": test}, tmp_path / "tfds2")
+    assert not (tmp_path / "tfds2").exists()
+    # ... and is fine as an evaluation split.
+    ev = T.build_qa_dataset({"test": test}, tmp_path / "tfds2")
+    assert [P.decode_row(r)["answers"] for r in T.open_split(ev, "test")] == [[]]

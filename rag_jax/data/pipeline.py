@@ -31,12 +31,19 @@ def _text(x: Any) -> str:
 
 
 def decode_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """TFDS row (bytes) -> python strings."""
+    """TFDS row (bytes) -> python strings. ``answer`` is the training target;
+    ``answer_patterns`` says whether ``answers`` are regexes (CuratedTrec).
+    The provenance fields are optional in a plain list of rows (``make_loader``
+    takes one) and default to empty."""
     return {
         "question": _text(row["question"]),
         "answer": _text(row["answer"]),
         "answers": [_text(a) for a in row["answers"]],
         "qid": int(row["qid"]),
+        "record_id": _text(row.get("record_id", b"")),
+        "positive_ids": [_text(a) for a in row.get("positive_ids", ())],
+        "titles": [_text(a) for a in row.get("titles", ())],
+        "answer_patterns": bool(row.get("answer_patterns", False)),
     }
 
 
@@ -47,6 +54,10 @@ def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "answer": [r["answer"] for r in rows],
         "answers": [list(r["answers"]) for r in rows],
         "qid": np.asarray([r["qid"] for r in rows], np.int64),
+        "record_id": [r["record_id"] for r in rows],
+        "positive_ids": [list(r["positive_ids"]) for r in rows],
+        "titles": [list(r["titles"]) for r in rows],
+        "answer_patterns": np.asarray([r["answer_patterns"] for r in rows], bool),
     }
 
 

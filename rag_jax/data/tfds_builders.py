@@ -5,8 +5,10 @@ generator and reads them back as a random-access data source, which grain
 consumes. Rows keep file order (``disable_shuffling=True``); shuffling is the
 input pipeline's job, seeded and resumable.
 
-The builder config's name is a fingerprint of the input files, so a changed
-file produces a new dataset directory instead of silently reusing stale rows.
+The builder config's name is a fingerprint of the input files, their
+resolved formats and the row rules, so a changed file (or a change in how
+rows are made) produces a new dataset directory instead of silently reusing
+stale rows.
 """
 from __future__ import annotations
 
@@ -37,21 +39,30 @@ class RagQA(tfds.core.GeneratorBasedBuilder):
     """Questions with gold answers; rows of ``pair_splits`` are (question, answer) pairs."""
 
     name = DATASET_NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "question, answer, answers, qid, line"}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "question, answer, answers, qid, line",
+        "1.1.0": "+ record_id, positive_ids, titles, answer_patterns (KILT, FEVER, MS-MARCO, Jeopardy, CuratedTrec)",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo built directly: ``dataset_info_from_configs`` looks for
         # metadata files next to the module, which a library builder lacks.
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Open-domain QA pairs for RAG training (rag_jax).",
+            description="QA / generation pairs for RAG training (rag_jax).",
             features=tfds.features.FeaturesDict({
                 "question": tfds.features.Text(),
+                # The training target: a gold answer, or for regex answers the
+                # concrete string of regex_targets.regex_target.
                 "answer": tfds.features.Text(),
                 "answers": tfds.features.Sequence(tfds.features.Text()),
                 "qid": np.int64,
                 "line": np.int64,
+                "record_id": tfds.features.Text(),  # the dataset's own id (KILT/FEVER id, MS-MARCO query_id)
+                "positive_ids": tfds.features.Sequence(tfds.features.Text()),
+                "titles": tfds.features.Sequence(tfds.features.Text()),
+                "answer_patterns": np.bool_,
             }),
             disable_shuffling=True,
         )
@@ -66,23 +77,37 @@ class RagQA(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, path: str, fmt: str, pairs: bool):
         records = list(F.read_qa(path, fmt))  # parse fully first: fail before writing
         expand = F.training_pairs if pairs else F.eval_pairs
-        lines = [r.line for r in records]
         for key, p in enumerate(expand(records)):
+            r = records[p.qid]
             yield key, {
                 "question": p.question,
                 "answer": p.answer,
                 "answers": list(p.answers),
                 "qid": p.qid,
-                "line": lines[p.qid],
+                "line": r.line,
+                "record_id": r.qid,
+                "positive_ids": list(r.positive_ids),
+                "titles": list(r.titles),
+                "answer_patterns": r.answer_patterns,
             }
+
+
+# How rows are derived from records beyond what the files and formats say;
+# bump when a rule changes (e.g. how a regex answer becomes a training target)
+# so that a dataset built under the old rule is not reused.
+ROW_RULES = "rows 2: regex targets = first spelled string (no passages at build time)"
 
 
 def _fingerprint(files: Mapping[str, str], fmt: str, pair_splits: Sequence[str]) -> str:
     h = hashlib.sha256()
-    h.update(repr((sorted(files.items()), fmt, sorted(pair_splits))).encode())
+    # The resolved format of each split: "auto" may read a file differently
+    # as detection learns new formats.
+    resolved = {s: F.detect_format(p) if fmt == "auto" else fmt for s, p in files.items()}
+    h.update(repr((sorted(files.items()), fmt, sorted(resolved.items()), sorted(pair_splits),
+                   RagQA.VERSION, ROW_RULES)).encode())
     for split in sorted(files):
         path = files[split]
-        fmt_i = F.detect_format(path) if fmt == "auto" else fmt
+        fmt_i = resolved[split]
         parts = F.seq2seq_paths(path) if fmt_i == "seq2seq" else (Path(path),)
         for p in parts:
             with open(p, "rb") as f:
@@ -115,8 +140,10 @@ def build_qa_dataset(
                 raise FileNotFoundError(f"{p}: no such file (split {split!r})")
         # Parsed in full before TFDS makes any directory: a bad line, or an empty
         # file (an empty split, which TFDS rejects with a traceback), fails here
-        # in one line with nothing written.
-        for _ in F.read_qa(path, fmt):
+        # in one line with nothing written; so does a pair split that yields
+        # no training target (a test file without answers).
+        records = F.read_qa(path, fmt)
+        for _ in F.training_pairs(records) if split in pair_splits else records:
             pass
     name = "qa_" + _fingerprint(files, fmt, pair_splits)
     config = QABuilderConfig(name=name, files=files, fmt=fmt, pair_splits=tuple(pair_splits))
