@@ -50,6 +50,9 @@ def test_kilt_answers_provenance_ids_and_titles(tmp_path):
     assert r.answers == ["Wembley Stadium", "the new Wembley Stadium"]  # non-empty, duplicates once
     assert r.positive_ids == ("1025669", "45309", "7777")  # int ids as strings, each page once, in order
     assert r.titles == ("FA Cup", "Wembley", "Semi-final")
+    # KILT's evidence sets: one per output that cites pages.
+    assert r.provenance == (("1025669",), ("1025669", "45309"), ("7777",))
+    assert r.provenance_titles == (("FA Cup",), ("FA Cup", "Wembley"), ("Semi-final",))
     assert (r.qid, r.line, r.source, r.answer_patterns) == ("-143054837169120955", 1, str(f), False)
     # A test line (no output) is read, with no answers: predictions only.
     assert (recs[1].question, recs[1].answers, recs[1].qid, recs[1].line) == ("test question", [], "7", 3)
@@ -99,8 +102,11 @@ def test_fever_original_and_kilt_lines(tmp_path):
     # wiki_url -> title: underscores are spaces, -LRB-/-RRB- brackets; each page once.
     assert recs[0].titles == ("Nikolaj Coster-Waldau", "Fox Broadcasting Company", "Savages (2012 film)")
     assert recs[0].positive_ids == ()
-    assert recs[1].titles == ()  # NOT ENOUGH INFO cites no page
+    assert recs[0].provenance_titles == (("Nikolaj Coster-Waldau", "Fox Broadcasting Company"),
+                                         ("Savages (2012 film)",), ("Nikolaj Coster-Waldau",))
+    assert recs[1].titles == recs[1].provenance_titles == ()  # NOT ENOUGH INFO cites no page
     assert (recs[2].titles, recs[2].positive_ids, recs[2].qid) == (("Roman Atwood",), ("40",), "3")
+    assert recs[2].provenance == (("40",), ("40",))
     assert (recs[3].qid, recs[3].line) == ("9", 4)
     with pytest.raises(F.QAFormatError, match=rf"^{f}:4: no gold answer"):
         list(F.training_pairs(recs))

@@ -41,6 +41,12 @@ class QARecord:
     # The answers are regular expressions (CuratedTrec), matched case-blind as
     # DPR does; training targets come from ``regex_targets.regex_target``.
     answer_patterns: bool = False
+    # Gold evidence sets, one per gold output that cites pages (KILT scores
+    # them set by set: R-precision is the max over sets): the pages'
+    # ``wikipedia_id``s (KILT) and titles (KILT, FEVER evidence groups).
+    # ``positive_ids`` / ``titles`` above are their flattened union.
+    provenance: tuple[tuple[str, ...], ...] = ()
+    provenance_titles: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)

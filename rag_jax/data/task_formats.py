@@ -11,7 +11,8 @@ What a record holds per task (``question`` is always the generator's input):
 
 * ``kilt``: question = ``input``; answers = the non-empty ``output[].answer``
   strings; ``positive_ids`` / ``titles`` = the ``provenance`` pages'
-  ``wikipedia_id`` / ``title``; ``qid`` = ``id``. A KILT test file has no
+  ``wikipedia_id`` / ``title``, and per output (KILT's evidence sets)
+  ``provenance`` / ``provenance_titles``; ``qid`` = ``id``. A KILT test file has no
   ``output``: its records have no answers, fine for prediction, refused for
   training (``qa_formats.training_pairs``).
 * ``fever``: answers = [the label] verbatim (SUPPORTS / REFUTES /
@@ -56,6 +57,10 @@ def _unique(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _flat(sets: list[tuple[str, ...]]) -> tuple[str, ...]:
+    return _unique([x for s in sets for x in s])
+
+
 # -------------------------------------------------------------------- KILT
 def _kilt_record(obj: Mapping[str, Any], path: str | os.PathLike, ln: int) -> QARecord:
     for key in ("id", "input"):
@@ -66,7 +71,7 @@ def _kilt_record(obj: Mapping[str, Any], path: str | os.PathLike, ln: int) -> QA
     output = obj.get("output", [])
     if not isinstance(output, list):
         raise fail(path, ln, f"'output' must be a list, got {type(output).__name__}")
-    answers, ids, titles = [], [], []
+    answers, id_sets, title_sets = [], [], []
     for i, out in enumerate(output):
         if not isinstance(out, dict):
             raise fail(path, ln, f"output {i} must be an object, got {type(out).__name__}")
@@ -79,6 +84,7 @@ def _kilt_record(obj: Mapping[str, Any], path: str | os.PathLike, ln: int) -> QA
         provenance = out.get("provenance", [])
         if not isinstance(provenance, list):
             raise fail(path, ln, f"output {i}: 'provenance' must be a list, got {type(provenance).__name__}")
+        ids, titles = [], []
         for j, prov in enumerate(provenance):
             if not isinstance(prov, dict) or "wikipedia_id" not in prov:
                 raise fail(path, ln, f"output {i}: provenance {j} must be an object with a 'wikipedia_id'")
@@ -89,11 +95,15 @@ def _kilt_record(obj: Mapping[str, Any], path: str | os.PathLike, ln: int) -> QA
                     raise fail(path, ln, f"output {i}: provenance {j}: 'title' must be a string")
                 if title.strip():
                     titles.append(title.strip())
+        if ids:
+            id_sets.append(_unique(ids))
+            title_sets.append(_unique(titles))
     if output and not answers:
         # An output without answers is provenance-only: a record with gold
         # pages and nothing to generate is a broken line, not a test question.
         raise fail(path, ln, "'output' holds no non-empty 'answer'")
-    return QARecord(question, list(_unique(answers)), str(path), ln, _unique(ids), _unique(titles), qid)
+    return QARecord(question, list(_unique(answers)), str(path), ln, _flat(id_sets), _flat(title_sets), qid,
+                    provenance=tuple(id_sets), provenance_titles=tuple(title_sets))
 
 
 def read_kilt(path: str | os.PathLike) -> Iterator[QARecord]:
@@ -134,12 +144,13 @@ def _fever_original(obj: Mapping[str, Any], path: str | os.PathLike, ln: int) ->
     # The shared task's test file has neither label nor evidence: eval-only.
     answers = [_fever_label(obj["label"], path, ln)] if "label" in obj else []
     evidence = obj.get("evidence", [])
-    titles = []
+    title_sets = []
     if not isinstance(evidence, list):
         raise fail(path, ln, f"'evidence' must be a list of evidence sets, got {type(evidence).__name__}")
     for i, group in enumerate(evidence):
         if not isinstance(group, list):
             raise fail(path, ln, f"evidence set {i} must be a list, got {type(group).__name__}")
+        titles = []
         for item in group:
             if not isinstance(item, list) or len(item) != 4:
                 raise fail(path, ln, f"evidence set {i}: expected [annotation_id, evidence_id, wiki_url, "
@@ -150,7 +161,9 @@ def _fever_original(obj: Mapping[str, Any], path: str | os.PathLike, ln: int) ->
             if not isinstance(url, str):
                 raise fail(path, ln, f"evidence set {i}: wiki_url must be a string or null, got {url!r}")
             titles.append(_fever_title(url))
-    return QARecord(claim, answers, str(path), ln, (), _unique(titles), qid)
+        if titles:
+            title_sets.append(_unique(titles))
+    return QARecord(claim, answers, str(path), ln, (), _flat(title_sets), qid, provenance_titles=tuple(title_sets))
 
 
 def read_fever(path: str | os.PathLike) -> Iterator[QARecord]:
