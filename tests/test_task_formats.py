@@ -1,6 +1,8 @@
 """Readers of the paper's other tasks (KILT, FEVER, MS-MARCO, Jeopardy,
 CuratedTrec), format detection and CuratedTrec's regex training targets."""
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -171,6 +173,9 @@ def test_msmarco_test_file_without_answers_is_eval_only(tmp_path):
     f = _write(tmp_path / "eval_v2.1_public.json", json.dumps({"query": {"0": "a query"}, "query_id": {"0": 5}}))
     recs = list(F.read_qa(f, "msmarco"))
     assert [(r.question, r.answers, r.qid) for r in recs] == [("a query", [], "5")]
+    # Column-form records have no line: errors about them name the query.
+    with pytest.raises(F.QAFormatError, match=rf"^{f}: query '5': no gold answer to train on"):
+        list(F.training_pairs(recs))
 
 
 def test_msmarco_bad_input(tmp_path):
@@ -235,11 +240,48 @@ def test_curatedtrec_dpr_csv_regexes(tmp_path):
     # No passages: the first string each pattern spells.
     assert [(p.qid, p.answer) for p in pairs] == [(0, "George Washington"), (1, "29,029 feet"), (1, "8,848 m")]
     assert pairs[1].answers == tuple(recs[1].answers)
-    # With passages: the most frequent match there.
-    passages = {recs[0].question: ["Washington crossed the Delaware; Washington, D.C.", "George Washington"],
-                recs[1].question: ["at 29035 ft it was ... 29035 ft. and 29,029 feet", "8848 m"]}
-    pairs = list(F.training_pairs(recs, passages=lambda r: passages[r.question]))
-    assert [p.answer for p in pairs] == ["Washington", "29035 ft", "8848 m"]
+
+
+def _ctx(text, pid=None):
+    return {"title": "T", "text": text, "score": 1.0, **({"passage_id": pid} if pid else {})}
+
+
+def test_curatedtrec_dpr_biencoder_json_takes_targets_from_its_passages(tmp_path):
+    items = [
+        {"dataset": "curatedtrec", "question": "Who was the first U.S. president?",
+         "answers": ["(George )?Washington"],
+         "positive_ctxs": [_ctx("Washington crossed the Delaware; Washington, D.C.", "11"), _ctx("George Washington")],
+         "negative_ctxs": [_ctx("George Washington " * 5)],  # random passages: not counted
+         "hard_negative_ctxs": []},
+        {"question": "How tall is Mount Everest?", "answers": [r"29,?0(29|35) (feet|ft\.?)", "8,?848 m", r"\d+ m"],
+         "positive_ctxs": [_ctx("at 29035 ft it was ... 29035 ft. and 29,029 feet", "12")],
+         "hard_negative_ctxs": [_ctx("8848 m")]},
+    ]
+    text = json.dumps(items, indent=4)
+    f = _write(tmp_path / "biencoder-curatedtrec-train.json", text)
+    assert F.detect_format(f) == "curatedtrec"
+    recs = list(F.read_qa(f))
+    # Each item's first line in the pretty-printed array (an item opens with "    {").
+    assert [r.line for r in recs] == [i + 1 for i, x in enumerate(text.splitlines()) if x == "    {"]
+    assert recs[0].positive_ids == ("11",) and len(recs[0].contexts) == 2 and recs[1].answer_patterns
+    # Most frequent match among positive + hard-negative passages; "\d+ m" spells
+    # nothing but matches "8848 m" (the same target as its sibling: kept once).
+    assert [(p.qid, p.answer) for p in F.training_pairs(recs)] == [(0, "Washington"), (1, "29035 ft"), (1, "8848 m")]
+    last = '  {"question": "q", "answers": ["(a"]}'
+    text = json.dumps(items[:1], indent=2)[:-2] + ",\n" + last + "\n]"
+    bad = _write(tmp_path / "biencoder-curatedtrec-dev.json", text)
+    with pytest.raises(F.QAFormatError, match=rf"^{bad}:{text.splitlines().index(last) + 1}: bad regex '\(a'"):
+        list(F.read_qa(bad))
+    for text, line, needle in (('[{"question": "q", "answers": ["a"]}\n {"x": 1}]', 2, "expected ',' or ']'"),
+                               ('[{"question": "q", "answers": ["a"]},\n {"question": "q2"}]', 2,
+                                "missing field 'answers'"),
+                               ('[{"question": "q", "answers": ["a"]},\n {"question": "q2", "answers": ["a"],'
+                                ' "positive_ctxs": ["text"]}]', 2, "'positive_ctxs' must be a list"),
+                               ('[{"question": "q", "answers": ["a"]},\n {"question": ', 2, "malformed JSON"),
+                               ('[{"question": "q", "answers": ["a"]}]\n]', 2, "extra data")):
+        bad = _write(tmp_path / "curatedtrec-bad.json", text)
+        with pytest.raises(F.QAFormatError, match=rf"^{bad}:{line}: {re.escape(needle)}"):
+            list(F.read_qa(bad))
 
 
 def test_curatedtrec_bad_regex_and_untrainable_pattern(tmp_path):
@@ -252,8 +294,9 @@ def test_curatedtrec_bad_regex_and_untrainable_pattern(tmp_path):
     assert all(r.answer_patterns for r in recs)
     with pytest.raises(F.QAFormatError, match=rf"^{j}:2: no training target"):
         list(F.training_pairs(recs))
-    # A passage that matches gives it one.
-    assert [p.answer for p in F.training_pairs(recs[1:], passages=lambda r: ["about 42 of them"])] == ["42"]
+    # A passage of the question that matches gives it one.
+    with_ctx = dataclasses.replace(recs[1], contexts=("about 42 of them",))
+    assert [p.answer for p in F.training_pairs([with_ctx])] == ["42"]
 
 
 # ------------------------------------------------------------ regex targets

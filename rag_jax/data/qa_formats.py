@@ -14,10 +14,11 @@ uses for NQ; evaluation keeps the full answer list for max-over-gold metrics.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 from rag_jax.data import task_formats
 from rag_jax.data.qa_records import (
@@ -27,16 +28,18 @@ from rag_jax.data.qa_records import (
     check_answers,
     check_question,
     fail,
+    json_array_items,
     json_objects,
     lines,
     no_questions,
     parse_answer_list,
+    record_error,
 )
 from rag_jax.data.regex_targets import compile_pattern, regex_target
 
 __all__ = ["FORMATS", "QAFormatError", "QAPair", "QARecord", "parse_answer_list", "read_qa", "detect_format",
            "training_pairs", "eval_pairs", "seq2seq_paths", "read_dpr_csv", "read_jsonl", "read_seq2seq",
-           "read_curatedtrec"]
+           "read_curatedtrec", "read_dpr_biencoder"]
 
 FORMATS = ("dpr_csv", "jsonl", "seq2seq", "curatedtrec") + task_formats.TASK_FORMATS
 
@@ -80,20 +83,63 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[QARecord]:
         raise no_questions(path)
 
 
+def _contexts(item: dict, key: str, path: str | os.PathLike, ln: int) -> list[dict]:
+    ctxs = item.get(key, [])
+    if not isinstance(ctxs, list) or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in ctxs):
+        raise fail(path, ln, f"{key!r} must be a list of {{\"title\", \"text\", ...}} objects")
+    return ctxs
+
+
+def read_dpr_biencoder(path: str | os.PathLike) -> Iterator[QARecord]:
+    """DPR's retriever training JSON (``biencoder-*.json``): one array of
+    ``{"question", "answers", "positive_ctxs", "negative_ctxs",
+    "hard_negative_ctxs"}``, contexts being ``{"title", "text",
+    "passage_id", ...}``. Records keep the ``passage_id``s of the positive
+    contexts as ``positive_ids`` and, as ``contexts``, the texts of the
+    positive and hard-negative contexts (the passages DPR retrieved for the
+    question; ``negative_ctxs`` are random passages and are left out)."""
+    count = 0
+    for ln, item in json_array_items(path):
+        if not isinstance(item, dict):
+            raise fail(path, ln, f"expected a JSON object, got {type(item).__name__}")
+        for key in ("question", "answers"):
+            if key not in item:
+                raise fail(path, ln, f"missing field {key!r}")
+        q = check_question(item["question"], path, ln)
+        answers = check_answers(item["answers"], path, ln)
+        positives = _contexts(item, "positive_ctxs", path, ln)
+        hard = _contexts(item, "hard_negative_ctxs", path, ln)
+        ids = tuple(str(c["passage_id"]) for c in positives if "passage_id" in c)
+        count += 1
+        yield QARecord(q, answers, str(path), ln, ids, contexts=tuple(c["text"] for c in positives + hard))
+    if not count:
+        raise no_questions(path)
+
+
 def read_curatedtrec(path: str | os.PathLike) -> Iterator[QARecord]:
     """CuratedTrec, whose answers are regular expressions: DPR's
-    ``curatedtrec-*.qa.csv`` (``question<TAB>["regex", ...]``, no header) or,
-    for a ``.jsonl``/``.json`` name, ``{"question", "answers": ["regex", ...]}``
-    lines. Every pattern must compile as DPR compiles it (NFD,
-    case-insensitive); records are marked ``answer_patterns``."""
-    reader = read_jsonl if str(path).endswith((".jsonl", ".json")) else read_dpr_csv
+    ``curatedtrec-*.qa.csv`` (``question<TAB>["regex", ...]``, no header),
+    DPR's ``biencoder-curatedtrec-*.json`` (a JSON array, with the passages
+    DPR retrieved per question: see ``read_dpr_biencoder``), or JSON lines
+    ``{"question", "answers": ["regex", ...]}``. Every pattern must compile as
+    DPR compiles it (NFD, case-insensitive); records are marked
+    ``answer_patterns``."""
+    if str(path).endswith((".jsonl", ".json")):
+        reader = read_dpr_biencoder if _starts_with_array(path) else read_jsonl
+    else:
+        reader = read_dpr_csv
     for rec in reader(path):
         for p in rec.answers:
             try:
                 compile_pattern(p)
             except re.error as e:
                 raise fail(path, rec.line, f"bad regex {p!r}: {e}") from None
-        yield QARecord(rec.question, rec.answers, rec.source, rec.line, rec.positive_ids, answer_patterns=True)
+        yield dataclasses.replace(rec, answer_patterns=True)
+
+
+def _starts_with_array(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def seq2seq_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -188,33 +234,32 @@ def read_qa(path: str | os.PathLike, fmt: str = "auto") -> Iterator[QARecord]:
     return _READERS[fmt](path)
 
 
-def _targets(r: QARecord, passages: Callable[[QARecord], Sequence[str]] | None) -> list[str]:
+def _targets(r: QARecord) -> list[str]:
     if not r.answer_patterns:
         return r.answers
-    texts = list(passages(r)) if passages is not None else []
-    out = [t for t in (regex_target(p, texts) for p in r.answers) if t is not None]
+    out = [t for t in (regex_target(p, r.contexts) for p in r.answers) if t is not None]
     if not out:
-        raise fail(r.source, r.line, f"no training target: the answer patterns {r.answers} spell no literal text "
-                                     "and match none of the passages")
+        raise record_error(r, f"no training target: the answer patterns {r.answers} spell no literal text "
+                              f"and match none of the question's {len(r.contexts)} passages")
     return out
 
 
-def training_pairs(records: Iterable[QARecord],
-                   passages: Callable[[QARecord], Sequence[str]] | None = None) -> Iterator[QAPair]:
+def training_pairs(records: Iterable[QARecord]) -> Iterator[QAPair]:
     """One (question, answer) pair per gold answer; duplicates of an answer kept once.
 
     Regex answers (CuratedTrec) are trained on ``regex_targets.regex_target``
-    of each pattern: its most frequent match in ``passages(record)`` (the
-    paper retrieves them) or, without passages or a match, the first string
-    the pattern spells. A record without answers (a KILT/FEVER/MS-MARCO test
-    line) fails with its ``file:line``: it can be predicted, not trained on.
+    of each pattern: its most frequent match in the record's ``contexts``
+    (the paper retrieves passages per question; DPR's biencoder files ship
+    them) or, without contexts or a match, the first string the pattern
+    spells. A record without answers (a KILT/FEVER/MS-MARCO test line) fails
+    with its ``file:line``: it can be predicted, not trained on.
     """
     for qid, r in enumerate(records):
         if not r.answers:
-            raise fail(r.source, r.line, "no gold answer to train on (a test file without outputs? "
-                                         "it can be used for prediction only)")
+            raise record_error(r, "no gold answer to train on (a test file without outputs? "
+                                  "it can be used for prediction only)")
         seen: set[str] = set()
-        for a in _targets(r, passages):
+        for a in _targets(r):
             if a in seen:
                 continue
             seen.add(a)

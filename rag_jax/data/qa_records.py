@@ -11,8 +11,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 
@@ -47,6 +49,10 @@ class QARecord:
     # ``positive_ids`` / ``titles`` above are their flattened union.
     provenance: tuple[tuple[str, ...], ...] = ()
     provenance_titles: tuple[tuple[str, ...], ...] = ()
+    # Passage texts shipped with the question (DPR's biencoder JSON: its
+    # retrieved positive and hard-negative contexts); regex answers take their
+    # training target from them.
+    contexts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,13 @@ class QAPair:
 
 def fail(path: str | os.PathLike, line: int, msg: str) -> QAFormatError:
     return QAFormatError(f"{path}:{line}: {msg}")
+
+
+def record_error(r: QARecord, msg: str) -> QAFormatError:
+    """An error about a parsed record, at its line, or (a record of a
+    column-oriented file, which has no line) at its id."""
+    where = f"{r.source}:{r.line}" if r.line else f"{r.source}: query {r.qid!r}"
+    return QAFormatError(f"{where}: {msg}")
 
 
 def no_questions(path: str | os.PathLike) -> QAFormatError:
@@ -86,6 +99,50 @@ def lines(path: str | os.PathLike) -> Iterator[str]:
             if ln == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
             yield decode_line(raw, path, ln)
+
+
+def read_json_text(path: str | os.PathLike) -> str:
+    """A whole JSON file as text (UTF-8, byte-order mark dropped); invalid
+    UTF-8 fails naming its line."""
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        ln = raw.count(b"\n", 0, e.start) + 1
+        raise fail(path, ln, f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); QA files must be UTF-8 text") from None
+
+
+def json_array_items(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line, item)`` for every item of a file holding one JSON array,
+    decoded item by item so each keeps the line it starts on (a whole-file
+    parse would lose it) and a syntax error names its line."""
+    text = read_json_text(path)
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise fail(path, text.count("\n", 0, pos) + 1, "expected a JSON array")
+    pos, line, counted = ws.match(text, pos + 1).end(), 1, 0
+    if text.startswith("]", pos):
+        return
+    while True:
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise fail(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        yield line, item
+        pos = ws.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = ws.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            rest = ws.match(text, pos + 1).end()
+            if rest != len(text):
+                raise fail(path, text.count("\n", 0, rest) + 1, "extra data after the JSON array")
+            return
+        else:
+            raise fail(path, text.count("\n", 0, pos) + 1, "expected ',' or ']' after an array item")
 
 
 def json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:

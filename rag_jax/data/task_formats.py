@@ -40,6 +40,7 @@ from rag_jax.data.qa_records import (
     fail,
     json_objects,
     no_questions,
+    read_json_text,
 )
 
 TASK_FORMATS = ("kilt", "fever", "msmarco", "jeopardy")
@@ -260,12 +261,7 @@ def _msmarco_rows(path: str | os.PathLike) -> Iterator[tuple[QARecord | None, in
 
 
 def _msmarco_columns(path: str | os.PathLike) -> Iterator[tuple[QARecord | None, int]]:
-    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        ln = raw.count(b"\n", 0, e.start) + 1
-        raise fail(path, ln, f"invalid UTF-8 (byte 0x{raw[e.start]:02x}); QA files must be UTF-8 text") from None
+    text = read_json_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
