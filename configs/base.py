@@ -51,6 +51,25 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_combined_length = 300  # "title / text // question" per doc (HF)
     d.num_threads = 2  # grain read threads per process
 
+    # What the generator is trained to produce and how its output is scored
+    # (rag_jax/train/evaluate.py): qa (EM/F1, or regex EM with
+    # answer_match="regex" for CuratedTrec), abstractive (BLEU-1/ROUGE-L),
+    # question_generation (Q-BLEU-1, BLEU-1, distinct-n), classification
+    # (label accuracy; FEVER).
+    c.task = k = ml_collections.ConfigDict()
+    k.kind = "qa"
+    k.answer_match = "string"  # string | regex (qa only)
+    # classification: the classes, as the records' label strings. Each maps to
+    # ONE generator token (label_words[i], or the label itself when
+    # label_words is empty); training is the RAG NLL of ``<s> token </s>``,
+    # prediction the arg-max over these tokens at the first decoder step.
+    k.labels = ()
+    k.label_words = ()
+    # Records whose label is listed here are dropped from training and
+    # evaluation (2-way FEVER: ("NOT ENOUGH INFO",)); any other label outside
+    # ``labels`` is an error naming its file and line.
+    k.ignore_labels = ()
+
     c.retrieval = r = ml_collections.ConfigDict()
     r.index_dir = ""
     r.n_docs = 5

@@ -195,7 +195,8 @@ def dataset_from_config(cfg: Any, workdir: str | os.PathLike) -> "os.PathLike":
     out = d.dataset_dir or str(Path(workdir) / "data")
 
     def build() -> "os.PathLike":
-        return tfds_builders.build_qa_dataset(files, out, fmt=d.format, pair_splits=("train",))
+        return tfds_builders.build_qa_dataset(files, out, fmt=d.format, pair_splits=("train",),
+                                              drop_labels=tuple(cfg.task.ignore_labels) if "task" in cfg else ())
 
     index, count = process_shard()
     if count == 1:

@@ -33,6 +33,8 @@ class QABuilderConfig(tfds.core.BuilderConfig):
     fmt: str = "auto"
     # Splits written as one row per (question, answer) pair; others one row per question.
     pair_splits: Sequence[str] = ("train",)
+    # Records whose first answer (a classification label) is one of these are left out.
+    drop_labels: Sequence[str] = ()
 
 
 class RagQA(tfds.core.GeneratorBasedBuilder):
@@ -70,12 +72,14 @@ class RagQA(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         cfg = self.builder_config
         return {
-            split: self._generate_examples(path, cfg.fmt, split in cfg.pair_splits)
+            split: self._generate_examples(path, cfg.fmt, split in cfg.pair_splits, tuple(cfg.drop_labels))
             for split, path in cfg.files.items()
         }
 
-    def _generate_examples(self, path: str, fmt: str, pairs: bool):
+    def _generate_examples(self, path: str, fmt: str, pairs: bool, drop_labels: tuple[str, ...] = ()):
         records = list(F.read_qa(path, fmt))  # parse fully first: fail before writing
+        if drop_labels:
+            records = [r for r in records if not (r.answers and r.answers[0] in drop_labels)]
         expand = F.training_pairs if pairs else F.eval_pairs
         for key, p in enumerate(expand(records)):
             r = records[p.qid]
@@ -98,13 +102,16 @@ class RagQA(tfds.core.GeneratorBasedBuilder):
 ROW_RULES = "rows 2: regex target = most frequent match in the record's contexts, else the first spelled string"
 
 
-def _fingerprint(files: Mapping[str, str], fmt: str, pair_splits: Sequence[str]) -> str:
+def _fingerprint(files: Mapping[str, str], fmt: str, pair_splits: Sequence[str],
+                 drop_labels: Sequence[str] = ()) -> str:
     h = hashlib.sha256()
     # The resolved format of each split: "auto" may read a file differently
     # as detection learns new formats.
     resolved = {s: F.detect_format(p) if fmt == "auto" else fmt for s, p in files.items()}
     h.update(repr((sorted(files.items()), fmt, sorted(resolved.items()), sorted(pair_splits),
                    RagQA.VERSION, ROW_RULES)).encode())
+    if drop_labels:  # absent when empty: datasets built before the option keep their names
+        h.update(repr(sorted(drop_labels)).encode())
     for split in sorted(files):
         path = files[split]
         fmt_i = resolved[split]
@@ -121,6 +128,7 @@ def build_qa_dataset(
     data_dir: str | os.PathLike,
     fmt: str = "auto",
     pair_splits: Sequence[str] = ("train",),
+    drop_labels: Sequence[str] = (),
 ) -> Path:
     """Builds (or reuses) the array_record dataset; returns its directory.
 
@@ -128,7 +136,8 @@ def build_qa_dataset(
     files. Raises ``QAFormatError`` naming file and line on bad input or an
     empty file, before anything is written; a build that fails later leaves no
     dataset directory behind (TFDS writes to ``incomplete.*`` and renames at
-    the end).
+    the end). ``drop_labels``: records whose first answer is one of these
+    are left out (2-way FEVER without its NOT ENOUGH INFO claims).
     """
     files = {str(k): str(v) for k, v in files.items()}
     if not files:
@@ -145,8 +154,9 @@ def build_qa_dataset(
         records = F.read_qa(path, fmt)
         for _ in F.training_pairs(records) if split in pair_splits else records:
             pass
-    name = "qa_" + _fingerprint(files, fmt, pair_splits)
-    config = QABuilderConfig(name=name, files=files, fmt=fmt, pair_splits=tuple(pair_splits))
+    name = "qa_" + _fingerprint(files, fmt, pair_splits, drop_labels)
+    config = QABuilderConfig(name=name, files=files, fmt=fmt, pair_splits=tuple(pair_splits),
+                             drop_labels=tuple(drop_labels))
     builder = RagQA(config=config, data_dir=str(data_dir), file_format="array_record")
     builder.download_and_prepare()
     return Path(builder.data_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tokenizers import ByteLevelBPETokenizer
 
@@ -20,12 +20,14 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4 as in BART
 
 def train_bart_tokenizer(
     texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000, min_frequency: int = 2,
-    add_prefix_space: bool = False,
+    add_prefix_space: bool = False, added_tokens: Sequence[str] = (),
 ) -> Path:
     """Writes an HF BART tokenizer directory. ``add_prefix_space=True`` makes a
     word at the start of a string the same token as inside a sentence: an
     answer span ("Paris") then matches its tokens in the passage (" Paris"),
-    which is what a generator trained from scratch must learn to copy."""
+    which is what a generator trained from scratch must learn to copy.
+    ``added_tokens`` (classification label words) are kept whole, with ids
+    after the learned vocabulary, wherever they stand as words."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = ByteLevelBPETokenizer(add_prefix_space=add_prefix_space, trim_offsets=True)
@@ -40,6 +42,10 @@ def train_bart_tokenizer(
     from rag_jax.data.tokenize import bart_bpe_from_files
 
     full = bart_bpe_from_files(out / "vocab.json", out / "merges.txt", add_prefix_space)
+    if added_tokens:
+        from tokenizers import AddedToken
+
+        full.add_tokens([AddedToken(t, single_word=True) for t in added_tokens])
     full.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
         json.dumps(

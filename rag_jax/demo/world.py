@@ -14,6 +14,16 @@ linked by about fifteen relations, written out as
 * ``{train,dev,test}.csv``   DPR QA CSV, ``question<TAB>["answer", ...]``;
 * ``swap.jsonl``             questions about the changed facts with old and new answers;
 * ``facts.jsonl``            every fact with the passage ids that state it;
+* ``fever_{train,dev,test}.jsonl``  FEVER-style claims in FEVER's original
+                             layout (``{"id", "claim", "label", "evidence"}``):
+                             SUPPORTS (a fact as stated), REFUTES (the fact with
+                             its object swapped for another of the same
+                             relation) and NOT ENOUGH INFO (a relation the world
+                             never states, e.g. "X is twinned with Y");
+* ``jeopardy_{train,dev,test}.jsonl``  Jeopardy-style pairs (``{"category",
+                             "question", "answer"}``): a clue built from two of an
+                             entity's facts ("This painter was born in ...")
+                             and the entity as the answer;
 * ``manifest.json``          parameters, counts and the sha256 of every file.
 
 Held-out questions are split by entity: a dev/test question's subject is never
@@ -276,6 +286,8 @@ class WorldFiles:
     passages_revised: Path
     qa_jsonl: dict[str, Path]
     qa_csv: dict[str, Path]
+    fever_jsonl: dict[str, Path]
+    jeopardy_jsonl: dict[str, Path]
     swap: Path
     facts: Path
     manifest: Path
@@ -557,7 +569,8 @@ def _sha256(path: Path) -> str:
 
 
 _FILE_NAMES = ("passages.tsv", "passages_revised.tsv", "train.jsonl", "dev.jsonl", "test.jsonl", "train.csv",
-               "dev.csv", "test.csv", "swap.jsonl", "facts.jsonl")
+               "dev.csv", "test.csv", "swap.jsonl", "facts.jsonl",
+               *(f"{task}_{s}.jsonl" for task in ("fever", "jeopardy") for s in SPLITS))
 
 
 def _world_files(out: Path, counts: dict, skipped: bool) -> WorldFiles:
@@ -567,6 +580,8 @@ def _world_files(out: Path, counts: dict, skipped: bool) -> WorldFiles:
         passages_revised=out / "passages_revised.tsv",
         qa_jsonl={s: out / f"{s}.jsonl" for s in SPLITS},
         qa_csv={s: out / f"{s}.csv" for s in SPLITS},
+        fever_jsonl={s: out / f"fever_{s}.jsonl" for s in SPLITS},
+        jeopardy_jsonl={s: out / f"jeopardy_{s}.jsonl" for s in SPLITS},
         swap=out / "swap.jsonl",
         facts=out / "facts.jsonl",
         manifest=out / "manifest.json",
@@ -715,6 +730,12 @@ def generate_world(
                     [f"{r['question']}\t{json.dumps(r['answers'], ensure_ascii=False)}\n" for r in qa[s]])
     _write_text(out / "swap.jsonl", [dumps(r) for r in swap])
     _write_text(out / "facts.jsonl", [dumps(r) for r in facts_out])
+    # The other tasks draw from their own stream: the files above are the same
+    # bytes as before these were added (the demo's QA figures stand).
+    fever, jeopardy = _fever_claims(all_entities, fact_pids, seed), _jeopardy_pairs(all_entities, seed)
+    for s in SPLITS:
+        _write_text(out / f"fever_{s}.jsonl", [dumps(r) for r in fever[s]])
+        _write_text(out / f"jeopardy_{s}.jsonl", [dumps(r) for r in jeopardy[s]])
     counts = {
         "passages": len(passages),
         "questions": {s: len(qa[s]) for s in SPLITS},
@@ -728,6 +749,93 @@ def generate_world(
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(manifest_path)
     return _world_files(out, counts, skipped=False)
+
+
+# FEVER "NOT ENOUGH INFO": relations no passage ever states, per subject kind,
+# with the kind of entity that fills {o}. Filler sentences name no entity, so
+# nothing in the corpus supports or refutes these.
+_UNSTATED: dict[str, tuple[tuple[str, str], ...]] = {
+    "person": (("{s} once lived in {o}.", "city"), ("{s} is a close friend of {o}.", "person"),
+               ("{s} studied at a university in {o}.", "city")),
+    "org": (("{s} opened an office in {o}.", "city"), ("{s} sponsors a festival organised by {o}.", "person")),
+    "city": (("{s} is twinned with {o}.", "city"), ("{s} hosts the annual congress of {o}.", "org")),
+    "river": (("The {s} was once crossed on foot by {o}.", "person"), ("The {s} is fed by a spring near {o}.", "city")),
+    "country": (("{s} signed a trade treaty with {o}.", "country"), ("{s} awarded its highest honour to {o}.", "person")),
+}
+FEVER_LABELS = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
+_NOUNS = {"org": "organisation", "city": "city", "river": "river", "country": "country"}
+
+
+def _fever_claims(entities: list[_Entity], fact_pids: dict[tuple[str, str], list[int]],
+                  seed: int) -> dict[str, list[dict]]:
+    """One claim per fact, its class drawn uniformly: the fact as stated, the
+    fact with a wrong object of the same relation, or an unstated relation.
+    Evidence follows FEVER: sets of ``[annotation id, evidence id, page, sentence id]``
+    (here: claim id, passage id, the passage title, 0), ``[[[id, null, null, null]]]`` for NEI."""
+    rng = _rng(seed, "fever")
+    values: dict[str, list[str]] = {}
+    by_kind: dict[str, list[str]] = {}
+    for e in entities:
+        by_kind.setdefault(e.kind, []).append(e.name)
+        for rel in RELATIONS:
+            if rel in e.facts and e.facts[rel] not in values.setdefault(rel, []):
+                values[rel].append(e.facts[rel])
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for e in entities:
+        for rel in RELATIONS:
+            if rel not in e.facts:
+                continue
+            label = rng.choice(FEVER_LABELS)
+            wrong = [v for v in values[rel] if v != e.facts[rel]]
+            if label == "REFUTES" and not wrong:
+                label = "SUPPORTS"  # a relation with a single value in the whole world
+            if label == "NOT ENOUGH INFO":
+                template, kind = rng.choice(_UNSTATED[e.kind])
+                claim = template.format(s=e.name, o=rng.choice([n for n in by_kind[kind] if n != e.name]))
+            else:
+                obj = e.facts[rel] if label == "SUPPORTS" else rng.choice(wrong)
+                claim = rng.choice(_RELATIONS[rel][2]).format(s=e.name, o=obj, ao=_article(obj))
+            out[e.split].append({"claim": claim[0].upper() + claim[1:], "label": label,
+                                 "pids": fact_pids[(e.name, rel)], "page": _page(e.name)})
+    for s in SPLITS:
+        rng.shuffle(out[s])
+        for i, row in enumerate(out[s]):
+            cid = {"train": 1, "dev": 2, "test": 3}[s] * 1_000_000 + i
+            pids, page = row.pop("pids"), row.pop("page")
+            # Each passage stating the fact (titled with the subject) is one evidence set.
+            row["evidence"] = ([[[cid, None, None, None]]] if row["label"] == "NOT ENOUGH INFO"
+                               else [[[cid, pid, page, 0]] for pid in pids])
+            out[s][i] = {"id": cid, **row}
+    return out
+
+
+def _page(title: str) -> str:
+    return title.replace(" ", "_")  # FEVER names Wikipedia pages with underscores
+
+
+def _jeopardy_pairs(entities: list[_Entity], seed: int) -> dict[str, list[dict]]:
+    """Per entity with two facts or more, a clue from two of them with the
+    name replaced by "this <noun>" (a person's noun is the occupation); the
+    answer is the entity."""
+    rng = _rng(seed, "jeopardy")
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for e in entities:
+        rels = [r for r in RELATIONS if r in e.facts and r != "occupation"]
+        if len(rels) < 2:
+            continue
+        noun = e.facts.get("occupation", "person") if e.kind == "person" else _NOUNS[e.kind]
+        parts = []
+        for rel in rng.sample(rels, 2):
+            # Templates that open with the subject read as a clue: "this painter was born in ..."
+            forms = [t for t in _RELATIONS[rel][2] if t.startswith(("{s} ", "The {s} "))]
+            o = e.facts[rel]
+            text = rng.choice(forms).replace("The {s}", "{s}").format(s="this " + noun, o=o, ao=_article(o))
+            parts.append(text.rstrip("."))
+        clue = parts[0][0].upper() + parts[0][1:] + "; " + parts[1] + "."
+        out[e.split].append({"category": e.kind.upper(), "question": clue, "answer": e.name})
+    for s in SPLITS:
+        rng.shuffle(out[s])
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from rag_jax.train.optim import SCHEDULES
 
 QA_FORMATS = ("auto",) + FORMATS
 DECODINGS = ("thorough", "fast")
+TASK_KINDS = ("qa", "abstractive", "question_generation", "classification")
+ANSWER_MATCHES = ("string", "regex")
 
 
 def _fail(field: str, msg: str) -> ValueError:
@@ -73,6 +75,8 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
         raise _fail("data.max_combined_length", "shorter than max_source_length")
     if _need(cfg, "data.num_threads", int) <= 0:
         raise _fail("data.num_threads", "must be positive")
+
+    _validate_task(cfg)
 
     _need(cfg, "retrieval.index_dir", str)
     if _need(cfg, "retrieval.n_docs", int) <= 0:
@@ -137,6 +141,38 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
     if _need(cfg, "eval.max_examples", int) < 0:
         raise _fail("eval.max_examples", "must be >= 0 (0 = all)")
     _need(cfg, "multihost", bool)
+
+
+def _validate_task(cfg: Any) -> None:
+    kind = _need(cfg, "task.kind", str)
+    if kind not in TASK_KINDS:
+        raise _fail("task.kind", f"{kind!r} not in {TASK_KINDS}")
+    match = _need(cfg, "task.answer_match", str)
+    if match not in ANSWER_MATCHES:
+        raise _fail("task.answer_match", f"{match!r} not in {ANSWER_MATCHES}")
+    if match == "regex" and kind != "qa":
+        raise _fail("task.answer_match", f"'regex' applies to task.kind 'qa' only, not {kind!r}")
+    lists = {f: tuple(_need(cfg, f"task.{f}", (tuple, list))) for f in ("labels", "label_words", "ignore_labels")}
+    for f, values in lists.items():
+        for v in values:
+            if not isinstance(v, str) or not v.strip():
+                raise _fail(f"task.{f}", f"expected non-empty strings, got {v!r}")
+        if len(set(values)) != len(values):
+            raise _fail(f"task.{f}", f"repeats a value: {values!r}")
+    labels = lists["labels"]
+    if kind != "classification":
+        for f, values in lists.items():
+            if values:
+                raise _fail(f"task.{f}", f"only for task.kind 'classification' (kind is {kind!r})")
+        return
+    if len(labels) < 2:
+        raise _fail("task.labels", f"classification needs at least 2 labels, got {labels!r}")
+    if lists["label_words"] and len(lists["label_words"]) != len(labels):
+        raise _fail("task.label_words", f"{len(lists['label_words'])} words for {len(labels)} labels "
+                    "(one per label, or empty to use the labels themselves)")
+    both = set(labels) & set(lists["ignore_labels"])
+    if both:
+        raise _fail("task.ignore_labels", f"{sorted(both)} also in task.labels")
 
 
 def _any_count(shape: Any) -> int:

@@ -1,6 +1,9 @@
-"""Evaluation of a RAG model on a QA split: exact match / F1 of generated
-answers, retrieval answer recall@k, and the retrieval-collapse monitor; for a
-run in progress (``run_eval``) or a finished workdir (``evaluate_checkpoint``)."""
+"""Evaluation of a RAG model on a split: the metrics of its task kind
+(``task_metrics``: EM/F1 of generated answers for QA, BLEU/ROUGE for
+abstractive answers, Q-BLEU for question generation, label accuracy for
+classification), retrieval answer recall@k (QA) and gold recall, and the
+retrieval-collapse monitor; for a run in progress (``run_eval``) or a
+finished workdir (``evaluate_checkpoint``)."""
 from __future__ import annotations
 
 import os
@@ -17,7 +20,7 @@ from rag_jax.eval.qa import qa_metrics
 from rag_jax.eval.retrieval import answer_hits, gold_hits, top_k_accuracy
 from rag_jax.train.logger import append_metrics
 from rag_jax.rag.model import RagModel
-from rag_jax.train.setup import build_models, check_inputs, make_task, restore_params
+from rag_jax.train.setup import build_models, check_inputs, kept_records, make_task, restore_params
 from rag_jax.train.task import RagTask
 
 
@@ -67,10 +70,13 @@ def evaluate(
         qs = list(questions[start : start + batch_size])
         n = len(qs)
         r = task.retrieve(params.get("question_encoder"), qs + [qs[-1]] * (batch_size - n), n_docs=k)
-        out = rag_model.generate(
-            r.context_input_ids, r.context_attention_mask, r.doc_scores,
-            variant=task.variant, num_beams=num_beams, max_length=max_length, decoding=decoding,
-        )
+        if task.labels is not None:
+            out = _label_tokens(task, task.predict_labels(params["generator"], r))
+        else:
+            out = rag_model.generate(
+                r.context_input_ids, r.context_attention_mask, r.doc_scores,
+                variant=task.variant, num_beams=num_beams, max_length=max_length, decoding=decoding,
+            )
         local.append(_batch_record(task, r, np.asarray(out), n, answers[start : start + n],
                                    None if positive_ids is None else positive_ids[start : start + n], max_length))
         # Every process decodes one batch per round: show the round's questions.
@@ -81,18 +87,23 @@ def evaluate(
 
     preds: list[str] = []
     hits_all, gold_all, collapse = [], [], CollapseMonitor()
+    label_of = {} if task.labels is None else dict(zip(task.labels.token_ids, task.labels.labels))
     for rec in records:
         n = int(rec["n"])
-        preds += task.generator_tokenizer.decode(rec["tokens"][:n])
+        if task.labels is not None:
+            preds += [label_of[int(t)] for t in rec["tokens"][:n, 1]]
+        else:
+            preds += task.generator_tokenizer.decode(rec["tokens"][:n])
         if not task.closed_book:
             hits_all.append(rec["hits"][:n])
             gold_all.append(rec["gold"][:n])
             collapse.add(dict(zip(CollapseMonitor.KEYS, rec["collapse"].tolist())))
-    metrics: dict[str, Any] = dict(qa_metrics(preds, [list(a) for a in answers]))
+    metrics: dict[str, Any] = task_metrics(task.kind, task.answer_match, preds, answers)
     if hits_all:
-        hits = np.concatenate(hits_all, axis=0)
-        for kk, v in top_k_accuracy(hits, sorted({1, min(5, k), k})).items():
-            metrics[f"recall@{kk}"] = v
+        if task.kind == "qa":  # an answer string in a passage means something for extractive answers only
+            hits = np.concatenate(hits_all, axis=0)
+            for kk, v in top_k_accuracy(hits, sorted({1, min(5, k), k})).items():
+                metrics[f"recall@{kk}"] = v
         if positive_ids is not None:
             gold = np.concatenate(gold_all, axis=0)
             known = np.array([len(p) > 0 for p in positive_ids], bool)
@@ -105,6 +116,29 @@ def evaluate(
     if return_predictions:
         metrics["predictions"] = preds
     return metrics
+
+
+def task_metrics(kind: str, answer_match: str, predictions: Sequence[str],
+                 answers: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """The scores that fit a task kind (config.task). String-matched QA keeps
+    the EM/F1 of ``eval/qa.py`` exactly as before; every other kind is scored
+    by ``rag_jax.eval.scores.score`` (references: each question's gold list)."""
+    refs = [list(a) for a in answers]
+    if kind == "qa" and answer_match == "string":
+        return dict(qa_metrics(list(predictions), refs))
+    from rag_jax.eval.scores import score
+
+    return dict(score(kind, list(predictions), refs, answer_match=answer_match))
+
+
+def _label_tokens(task: Any, indices: np.ndarray) -> np.ndarray:
+    """Predicted labels as the token rows a generator would have produced
+    (``<s> label </s>``), so they travel between processes like generated answers."""
+    lab = task.labels
+    ids = np.asarray(lab.token_ids, np.int32)[np.asarray(indices)]
+    out = np.empty((ids.shape[0], 3), np.int32)
+    out[:, 0], out[:, 1], out[:, 2] = lab.start_token_id, ids, task.generator_tokenizer.eos_token_id
+    return out
 
 
 def _batch_record(task: Any, r: Any, out: np.ndarray, n: int, answers: Sequence[Sequence[str]],
@@ -145,16 +179,17 @@ def _all_batches(local: list[dict[str, np.ndarray]], n_batches: int, task: Any, 
     return [{key: v[j % count, j // count] for key, v in gathered.items()} for j in range(n_batches)]
 
 
-def _read_split(path: str, fmt: str) -> tuple[list[str], list[list[str]], list[list[str]] | None]:
-    """Questions, answers and, when any record names them, gold passage ids."""
-    recs = list(qa_formats.read_qa(path, fmt))
+def _read_split(path: str, fmt: str, task: Any) -> tuple[list[str], list[list[str]], list[list[str]] | None]:
+    """Questions, answers and, when any record names them, gold passage ids
+    (``task``: config.task; classification drops its ignored labels)."""
+    recs = kept_records(list(qa_formats.read_qa(path, fmt)), task)
     gold = [list(r.positive_ids or ()) for r in recs]
     return [r.question for r in recs], [list(r.answers) for r in recs], gold if any(gold) else None
 
 
 def run_eval(config: Any, task: RagTask, rag_model: RagModel, params: Any, split_file: str,
              progress: bool = True, return_predictions: bool = False) -> dict[str, Any]:
-    questions, answers, gold = _read_split(split_file, config.data.format)
+    questions, answers, gold = _read_split(split_file, config.data.format, config.task)
     if config.eval.max_examples:
         m = config.eval.max_examples
         questions, answers, gold = questions[:m], answers[:m], (gold[:m] if gold else None)

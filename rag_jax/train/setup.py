@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from rag_jax.rag.settings import RagSettings
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.bert import BertConfig, DprEncoder
 from rag_jax.models.layers import DTYPES
+from rag_jax.rag.labels import label_space
 from rag_jax.rag.model import RagConfig
 from rag_jax.train.checkpointing import CheckpointManager
 from rag_jax.train.optim import optimizer_from_config
@@ -60,6 +61,8 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
             if not Path(f).is_file():
                 raise FileNotFoundError(f"{f}: no such file ({field})")
         records = qa_formats.read_qa(path, d.format)  # raises on the first bad line, or on no questions
+        if config.task.kind == "classification":
+            records = _labels_checked(records, config.task)
         # Training data must also yield targets (a test file without answers
         # fails here, naming its first line, before anything is written).
         for _ in qa_formats.training_pairs(records) if split == "train" and "train" in required else records:
@@ -85,6 +88,36 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
     if trained_workdir is not None and not (Path(trained_workdir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{Path(trained_workdir) / 'checkpoints'}: no such directory "
                                 "(not a training workdir: train into it first)")
+
+
+def check_label(rec: qa_formats.QARecord, task: Any) -> None:
+    """A classification record's label (its first answer) must be one of
+    ``task.labels`` or ``task.ignore_labels``: a typo in either would
+    otherwise train on, or silently drop, whole classes."""
+    label = rec.answers[0] if rec.answers else None
+    if label not in tuple(task.labels) + tuple(task.ignore_labels):
+        raise qa_formats.QAFormatError(
+            f"{rec.source}:{rec.line}: label {label!r} is not in config.task.labels {tuple(task.labels)}"
+            + (f" nor config.task.ignore_labels {tuple(task.ignore_labels)}" if task.ignore_labels else ""))
+
+
+def _labels_checked(records: Iterable[qa_formats.QARecord], task: Any) -> Iterator[qa_formats.QARecord]:
+    for rec in records:
+        check_label(rec, task)
+        yield rec
+
+
+def kept_records(records: Sequence[qa_formats.QARecord], task: Any) -> list[qa_formats.QARecord]:
+    """The records a task trains and evaluates on: classification drops those
+    labelled with one of ``task.ignore_labels`` (2-way FEVER drops NOT ENOUGH INFO)."""
+    drop = set(task.ignore_labels)
+    return [r for r in records if not (drop and r.answers and r.answers[0] in drop)]
+
+
+def label_words(config: Any) -> tuple[str, ...]:
+    """The generator words of a classification task's labels (none for other kinds)."""
+    t = config.task
+    return (tuple(t.label_words) or tuple(t.labels)) if t.kind == "classification" else ()
 
 
 def _train_question_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
@@ -155,8 +188,10 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
         from rag_jax.data.train_tokenizer import train_bart_tokenizer
 
         texts = texts or _corpus_texts(config)
+        # A classification task's label words become whole tokens of the
+        # trained vocabulary (rag/labels.py needs one token per label).
         g_dir = _written_by_process_zero(tok_dir / "generator", lambda out: train_bart_tokenizer(
-            texts, out, m.tiny.generator.vocab_size))
+            texts, out, m.tiny.generator.vocab_size, added_tokens=label_words(config)))
         g_tok = load_tokenizer(g_dir, "bart")
 
     r_q, r_g = jax.random.split(rng)
@@ -212,6 +247,9 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
         max_combined_length=config.data.max_combined_length, exclude_bos_score=config.train.exclude_bos_score,
     )
     rag_cfg = RagConfig(models.question_config, models.generator_config, settings)
+    t = config.task
+    labels = (label_space(t.labels, t.label_words, models.generator_tokenizer)
+              if t.kind == "classification" else None)
     return RagTask(
         config=rag_cfg, question_tokenizer=models.question_tokenizer, generator_tokenizer=models.generator_tokenizer,
         retriever=None if closed else retriever, variant=config.model.variant,
@@ -219,6 +257,7 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
         max_combined_length=config.data.max_combined_length, max_target_length=config.data.max_target_length,
         label_smoothing=config.train.label_smoothing, exclude_bos_score=config.train.exclude_bos_score,
         closed_book=closed, freeze_question_encoder=bool(config.train.freeze_question_encoder),
+        kind=t.kind, answer_match=t.answer_match, labels=labels,
     )
 
 

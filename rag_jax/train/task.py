@@ -19,6 +19,7 @@ import numpy as np
 
 from rag_jax.data.tokenize import TextTokenizer
 from rag_jax.rag.inputs import RetrievedContexts, retrieve_contexts
+from rag_jax.rag.labels import LabelSpace, predict_labels
 from rag_jax.rag.model import VARIANTS, RagConfig, nll, rag_loss
 
 
@@ -40,18 +41,26 @@ class RagTask:
     # (params, ids, mask, token types) -> [B, D] host embeddings of this
     # process's questions; None: the jitted single-program embedder.
     embed_questions: Callable[..., np.ndarray] | None = None
+    # config.task: what the targets are and how predictions are scored.
+    kind: str = "qa"
+    answer_match: str = "string"
+    labels: LabelSpace | None = None  # classification only
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if not self.closed_book and self.retriever is None:
             raise ValueError("a retriever (index) is required unless closed_book=True")
+        if (self.kind == "classification") != (self.labels is not None):
+            raise ValueError(f"a label space is needed for classification and only there (kind {self.kind!r})")
 
     # ------------------------------------------------------------------ host
 
     def tokenize_targets(self, answers: Sequence[str]) -> np.ndarray:
-        """``<s> answer </s>`` padded: fed as decoder inputs, shifted inside the loss (HF finetune_rag)."""
-        return self.generator_tokenizer(list(answers), max_length=self.max_target_length)["input_ids"]
+        """``<s> answer </s>`` padded: fed as decoder inputs, shifted inside the loss (HF finetune_rag).
+        Classification: the answer is a label, trained as its one-token word."""
+        texts = self.labels.target_texts(answers) if self.labels is not None else list(answers)
+        return self.generator_tokenizer(texts, max_length=self.max_target_length)["input_ids"]
 
     def retrieve(self, question_params: Any, questions: Sequence[str], n_docs: int | None = None) -> RetrievedContexts:
         """Question tokens and the documents retrieved with the current question-encoder params."""
@@ -75,6 +84,13 @@ class RagTask:
             "doc_embeds": r.doc_embeds,
             "labels": self.tokenize_targets(answers),
         }
+
+    def predict_labels(self, generator_params: Any, r: RetrievedContexts) -> np.ndarray:
+        """Classification: the arg-max label's index per question ``[B]`` (rag/labels.py)."""
+        if self.labels is None:
+            raise ValueError(f"predict_labels is for task.kind 'classification', not {self.kind!r}")
+        return predict_labels(self.config.generator, generator_params, r.context_input_ids,
+                              r.context_attention_mask, r.doc_scores, self.labels)
 
     # ------------------------------------------------------------------ pure
 
