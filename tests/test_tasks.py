@@ -253,18 +253,11 @@ def test_world_task_files_parse_with_the_readers(small_world):
 
 @pytest.fixture(scope="module")
 def fever_paths(tmp_path_factory):
-    """The tiny training setup, with the world's FEVER claims as JSONL QA records."""
+    """The tiny training setup, with the world's FEVER claims as the data."""
     from tests.train_fixtures import make_world
 
-    root = tmp_path_factory.mktemp("fever")
-    paths = make_world(root)
-    out = {}
-    for split, name in (("train", "train"), ("dev", "dev")):
-        rows = _jsonl(paths["world"] / f"fever_{name}.jsonl")
-        f = root / f"fever_{split}.jsonl"
-        f.write_text("".join(json.dumps({"question": r["claim"], "answers": [r["label"]]}) + "\n" for r in rows))
-        out[split] = f
-    return {**paths, **out}
+    paths = make_world(tmp_path_factory.mktemp("fever"))
+    return {**paths, "train": paths["world"] / "fever_train.jsonl", "dev": paths["world"] / "fever_dev.jsonl"}
 
 
 def _fever_config(paths, two_way=False):
@@ -272,6 +265,7 @@ def _fever_config(paths, two_way=False):
 
     cfg = tiny_config(paths, steps=3, global_batch_size=4, lr=3e-3)
     cfg.data.train_file = str(paths["train"])
+    cfg.data.format = "fever"
     cfg.mesh.shape = (1, 1, 1)
     cfg.task.kind = "classification"
     cfg.task.labels = FEVER3[:2] if two_way else FEVER3
@@ -314,7 +308,7 @@ def test_two_way_classification_trains_and_predicts_label_tokens_only(fever_path
     assert set(answers) == {"SUPPORTS", "REFUTES"}
 
     task, params = out["task"], out["params"]
-    claims = [json.loads(line)["question"] for line in Path(fever_paths["dev"]).read_text().splitlines()[:4]]
+    claims = [json.loads(line)["claim"] for line in Path(fever_paths["dev"]).read_text().splitlines()[:4]]
     r = task.retrieve(params["question_encoder"], claims)
     pred = task.predict_labels(params["generator"], r)
     assert set(task.labels.names(pred)) <= {"SUPPORTS", "REFUTES"}
@@ -334,3 +328,21 @@ def test_two_way_classification_trains_and_predicts_label_tokens_only(fever_path
         np.asarray(task.labels.token_ids)))
     np.testing.assert_allclose(lp, brute, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(pred, brute.argmax(1))
+
+    # Evaluation on the dev claims: label accuracy over SUPPORTS/REFUTES only,
+    # and KILT's scores from the evidence titles, equal to one kilt_scores call.
+    from rag_jax.data.qa_formats import read_qa
+    from rag_jax.eval.kilt import kilt_scores
+    from rag_jax.train.evaluate import run_eval
+
+    cfg.eval.max_examples = 12
+    ev = run_eval(cfg, task, model, params, str(fever_paths["dev"]), progress=False, return_predictions=True)
+    recs = [r for r in read_qa(fever_paths["dev"], "fever") if r.answers[0] != "NOT ENOUGH INFO"][:12]
+    assert ev["examples"] == 12 and set(ev["predictions"]) <= {"SUPPORTS", "REFUTES"}
+    acc = np.mean([p == r.answers[0] for p, r in zip(ev["predictions"], recs)])
+    assert ev["label_accuracy"] == pytest.approx(acc)
+    got = task.retrieve(params["question_encoder"], [r.question for r in recs])
+    want = kilt_scores(ev["predictions"], [r.answers for r in recs], got.titles,
+                       [[list(t) for t in r.provenance_titles] for r in recs], ks=[1, 2])
+    for key, v in want.items():
+        assert ev[f"kilt/{key}"] == pytest.approx(v), key
