@@ -32,6 +32,44 @@ def context_string(
     return out.replace("  ", " ")
 
 
+def split_doc_sep(doc_sep: str) -> tuple[str, str]:
+    """``doc_sep`` -> (its head up to the last non-space character, the
+    whitespace after it), e.g. ``" // "`` -> ``(" //", " ")``.
+
+    On-device context assembly (``rag_jax.retrieval.token_table``) joins the
+    tokens of ``passage_string`` and ``question_string`` at that point. The
+    join equals tokenizing ``context_string`` whole when the head ends in a
+    non-whitespace character and the tail starts with a space: no ``"  "``
+    replacement straddles the cut, a byte-level BPE pre-token never runs
+    from a non-space character into whitespace, and a string starting with a
+    space gets no extra ``add_prefix_space`` space.
+    """
+    head = doc_sep.rstrip()
+    tail = doc_sep[len(head):]
+    if not head or not tail.startswith(" "):
+        raise ValueError(f"doc_sep {doc_sep!r} must hold a non-space character followed by a space "
+                         "for token-space context assembly")
+    return head, tail
+
+
+def passage_string(
+    title: str, text: str, prefix: str | None = None,
+    title_sep: str = _DEFAULT.title_sep, doc_sep: str = _DEFAULT.doc_sep,
+) -> str:
+    """The passage part of :func:`context_string`: ``prefix + title + title_sep + text + head(doc_sep)``,
+    with the same title-quote and double-space rules."""
+    title = str(title).removeprefix('"').removesuffix('"')
+    head, _ = split_doc_sep(doc_sep)
+    return ((prefix or "") + title + title_sep + str(text) + head).replace("  ", " ")
+
+
+def question_string(question: str, doc_sep: str = _DEFAULT.doc_sep) -> str:
+    """The question part of :func:`context_string`: ``tail(doc_sep) + question``, same double-space rule.
+    ``passage_string(...) + question_string(...) == context_string(...)``."""
+    _, tail = split_doc_sep(doc_sep)
+    return (tail + str(question)).replace("  ", " ")
+
+
 def build_context_strings(
     titles: Sequence[Sequence[str]],
     texts: Sequence[Sequence[str]],
