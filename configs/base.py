@@ -73,6 +73,17 @@ def get_config() -> ml_collections.ConfigDict:
     c.retrieval = r = ml_collections.ConfigDict()
     r.index_dir = ""
     r.n_docs = 5
+    # True: retrieval inside the jitted train step. The index's vectors and its
+    # passage token table (built beside the index on first use) are sharded
+    # over the batch's mesh axes; the host feeds only question and answer
+    # tokens. Needs count / shards x (dim x 4|2 + 4 x (max_combined_length - 2)
+    # + 4) bytes per device (config_checks states it). False: host ScaNN.
+    r.on_device = False
+    r.device_dtype = "float32"  # float32 | bfloat16: the on-device document vectors
+    r.approx_recall = 0.0  # 0: exact lax.top_k per shard; in (0, 1): lax.approx_max_k's recall target
+    # Per-device budget for the on-device index; 0: half the device's memory
+    # when the backend reports it (GPU, TPU), unchecked otherwise (CPU).
+    r.device_budget_gib = 0.0
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000

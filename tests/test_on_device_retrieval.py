@@ -179,3 +179,104 @@ def test_bfloat16_index_and_bytes_rule():
     # 40 rows over 4 shards: 10 per device, each 8 x 2 (bf16) + 3 x 4 + 4 bytes.
     assert bytes_per_device(40, 8, 3, 4, "bfloat16") == 10 * (16 + 12 + 4)
     assert bytes_per_device(41, 8, 3, 4, "float32") == 11 * (32 + 12 + 4)
+
+
+def _tiny_task(corpora, n_docs=3, length=64):
+    """A RagTask over the demo corpus: tiny random DPR + BART (large init so documents differ), exact index."""
+    from tokenizers import BertWordPieceTokenizer
+
+    from rag_jax.generator import scratch_generator
+    from rag_jax.models.bert import BertConfig, DprEncoder
+    from rag_jax.rag.model import RagConfig
+    from rag_jax.retrieval.index import build_index
+    from rag_jax.retrieval.retriever import Retriever
+    from rag_jax.train.task import RagTask
+
+    root, demo, g_tok = corpora["root"], corpora["demo"], corpora["toks"][False]
+    qdir = root / "qtok"
+    if not qdir.is_dir():
+        qdir.mkdir()
+        wp = BertWordPieceTokenizer(lowercase=True)
+        wp.train_from_iterator([demo.title(i) + " " + demo.text(i) for i in range(len(demo))] + corpora["questions"],
+                               vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                               show_progress=False)
+        wp.save_model(str(qdir))
+        vectors = np.random.default_rng(0).normal(size=(len(demo), 16)).astype(np.float32)
+        build_index(vectors, root / "tiny_index", kind="exact", corpus=demo, include_corpus=True)
+    q_tok = load_tokenizer(qdir, "bert")
+    q_cfg = BertConfig(vocab_size=q_tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=24, max_position_embeddings=32, initializer_range=0.5,
+                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids = jnp.ones((1, 4), jnp.int32)
+    q_params = DprEncoder(q_cfg).init(jax.random.PRNGKey(1), ids, ids)["params"]
+    g_cfg, g_params = scratch_generator(dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                             decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
+                                             max_position_embeddings=length, init_std=0.5),
+                                        g_tok, jax.random.PRNGKey(2), dropout=0.0)
+    task = RagTask(config=RagConfig(q_cfg, g_cfg), question_tokenizer=q_tok, generator_tokenizer=g_tok,
+                   retriever=Retriever(root / "tiny_index"), n_docs=n_docs, max_question_length=16,
+                   max_combined_length=length, max_target_length=8)
+    from flax import linen as nn
+
+    return task, nn.meta.unbox({"question_encoder": q_params, "generator": g_params})
+
+
+def test_on_device_loss_equals_host_retrieval(corpora):
+    """The loss of the on-device task equals the host-retrieval task's on the
+    same questions (8 per batch on a (2, 2, 2) mesh), and its contexts and
+    retrieved rows are the host's exactly (gradients: the slow training test)."""
+    from rag_jax.rag.model import question_embedder
+    from rag_jax.train.on_device_task import OnDeviceTask, open_device_index
+
+    task, params = _tiny_task(corpora)
+    mesh = make_mesh((2, 2, 2))
+    questions = corpora["questions"][:8]
+    answers = [f"answer {i}" for i in range(8)]
+    rng = jax.random.PRNGKey(3)
+
+    host = task.train_batch(params["question_encoder"], questions, answers)
+    loss_h, _ = jax.jit(task.loss_fn)(params, host, rng)
+
+    od = OnDeviceTask(task, mesh, AXES, open_device_index(task, mesh, AXES, progress=False))
+    batch = od.train_batch(questions, answers)
+    assert set(batch) == {"question_input_ids", "question_attention_mask", "question_token_type_ids",
+                          "question_generator_ids", "question_generator_lengths", "labels"}
+    loss_d, _ = jax.jit(od.loss_fn)(params, batch, rng, od.index.arrays())
+    np.testing.assert_allclose(float(loss_d), float(loss_h), rtol=1e-5)
+
+    q = question_embedder(task.config.question_encoder)(
+        params["question_encoder"], host["question_input_ids"], host["question_attention_mask"],
+        host["question_token_type_ids"])
+    got, ids, mask = jax.jit(od.contexts)(q, batch, od.index.arrays())
+    r = task.retrieve(params["question_encoder"], questions)
+    np.testing.assert_array_equal(np.asarray(got["rows"]), r.rows)
+    np.testing.assert_array_equal(np.asarray(ids), host["context_input_ids"])
+    np.testing.assert_array_equal(np.asarray(mask), host["context_attention_mask"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from tests.train_fixtures import make_world
+
+    return make_world(tmp_path_factory.mktemp("ondev_train"))
+
+
+@pytest.mark.slow  # two training runs (~3 min on 2 loaded cores); the loss test above is the quick one
+def test_train_steps_on_device_equal_host_retrieval(world, tmp_path, capsys):
+    """Three steps on a (2, 2, 2) mesh, the second with two micro-batches'
+    worth of accumulation: on-device retrieval gives host retrieval's losses."""
+    from rag_jax.train.loop import train_and_evaluate
+    from tests.train_fixtures import tiny_config
+
+    losses = {}
+    for on_device in (False, True):
+        cfg = tiny_config(world, steps=3, global_batch_size=8, lr=3e-3, grad_accum_steps=2, per_device_batch_size=2)
+        cfg.mesh.shape = (2, 2, 2)
+        cfg.retrieval.on_device = on_device
+        out = train_and_evaluate(cfg, tmp_path / f"run{int(on_device)}", verbose=on_device)
+        losses[on_device] = out["losses"]
+    assert "MiB per device" in capsys.readouterr().out
+    assert sorted(losses[True]) == [1, 2, 3]
+    for step in losses[False]:
+        np.testing.assert_allclose(losses[True][step], losses[False][step], rtol=1e-5, atol=1e-6)
+    assert (world["index"] / "passage_tokens").is_dir()

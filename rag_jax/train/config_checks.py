@@ -2,6 +2,9 @@
 the offending field (loading config files is ``rag_jax.config``)."""
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any
 
 from rag_jax.data.qa_formats import FORMATS
@@ -81,6 +84,7 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
     _need(cfg, "retrieval.index_dir", str)
     if _need(cfg, "retrieval.n_docs", int) <= 0:
         raise _fail("retrieval.n_docs", "must be positive")
+    _check_on_device(cfg, num_devices)
 
     t = cfg.train
     for f in ("train.steps", "train.per_device_batch_size", "train.grad_accum_steps", "train.log_every"):
@@ -173,6 +177,50 @@ def _validate_task(cfg: Any) -> None:
     both = set(labels) & set(lists["ignore_labels"])
     if both:
         raise _fail("task.ignore_labels", f"{sorted(both)} also in task.labels")
+
+
+def _check_on_device(cfg: Any, num_devices: int | None) -> None:
+    """Types of the ``retrieval.on_device`` fields and, when the index and the
+    device count are known, whether one shard of the index fits its budget."""
+    r = cfg.retrieval
+    if not _need(cfg, "retrieval.on_device", bool):
+        return
+    from rag_jax.retrieval.on_device import DEVICE_DTYPES, bytes_per_device
+
+    if _need(cfg, "retrieval.device_dtype", str) not in DEVICE_DTYPES:
+        raise _fail("retrieval.device_dtype", f"{r.device_dtype!r} not in {tuple(DEVICE_DTYPES)}")
+    if not 0 <= _need(cfg, "retrieval.approx_recall", float) < 1:
+        raise _fail("retrieval.approx_recall", "must be in [0, 1) (0 = exact top-k)")
+    if _need(cfg, "retrieval.device_budget_gib", float) < 0:
+        raise _fail("retrieval.device_budget_gib", "must be >= 0 (0 = half the device memory when known)")
+    if cfg.train.closed_book:
+        raise _fail("retrieval.on_device", "a closed-book run retrieves nothing; set it False")
+    manifest = Path(r.index_dir) / "manifest.json" if r.index_dir else None
+    if num_devices is None or manifest is None or not manifest.is_file():
+        return  # check_inputs names a missing index
+    from rag_jax.parallel.rules import rules_from_config
+
+    axes = dict(rules_from_config(cfg.mesh.logical_axis_rules)).get("batch")
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (() if axes is None else (axes,))
+    if not axes:
+        raise _fail("retrieval.on_device", "the 'batch' logical axis maps to no mesh axis to shard the index over")
+    sizes = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh.shape, num_devices)))
+    shards = math.prod(sizes[a] for a in axes)
+    m = json.loads(manifest.read_text())
+    need = bytes_per_device(int(m["count"]), int(m["dim"]), cfg.data.max_combined_length - 2, shards, r.device_dtype)
+    budget = r.device_budget_gib * 2**30 or _half_device_memory()
+    what = (f"the on-device index needs {need / 2**30:.3f} GiB per device ({m['count']} rows over {shards} shards x "
+            f"({m['dim']} x {r.device_dtype} + {cfg.data.max_combined_length - 2} int32 tokens + length))")
+    if budget and need > budget:
+        raise _fail("retrieval.on_device", f"{what}, over the budget of {budget / 2**30:.3f} GiB "
+                    "(retrieval.device_budget_gib); use host retrieval, bfloat16 vectors or more shards")
+
+
+def _half_device_memory() -> float:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit", 0) / 2
 
 
 def _any_count(shape: Any) -> int:

@@ -57,6 +57,23 @@ def _global_question_embedder(task: Any, mesh: Any, rules: Any, global_batch: in
     return run
 
 
+def _on_device_task(config: Any, task: Any, mesh: Any, rules: Any, verbose: bool) -> Any:
+    """``retrieval.on_device``: the index placed on the mesh and the task that retrieves in the step; else None."""
+    if not config.retrieval.on_device:
+        return None
+    from rag_jax.retrieval.on_device import bytes_per_device, shard_count
+    from rag_jax.train.on_device_task import OnDeviceTask, batch_axes, open_device_index
+
+    axes = batch_axes(rules)
+    index = open_device_index(task, mesh, axes, config.retrieval.device_dtype, progress=verbose)
+    if verbose:
+        dim, width = index.vectors.shape[1], index.tokens.shape[1]
+        need = bytes_per_device(index.count, dim, width, shard_count(mesh, axes), config.retrieval.device_dtype)
+        print(f"[train] on-device index: {index.count} rows x ({dim} {config.retrieval.device_dtype} + {width} "
+              f"tokens) over mesh axes {axes}: {need / 2**20:.1f} MiB per device", flush=True)
+    return OnDeviceTask(task, mesh, axes, index, config.retrieval.approx_recall)
+
+
 @holding_workdir_lock  # one training per workdir: a second one stops, naming the holder
 def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any = None,
                        verbose: bool = True, devices: Sequence[jax.Device] | None = None,
@@ -107,7 +124,10 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
         loader.set_state(data_state["loader"])
         if verbose:
             print(f"[train] resumed from {workdir / 'checkpoints'} at step {step}", flush=True)
-    step_fn = make_train_step(task.loss_fn, tx, config.train.grad_accum_steps)
+    on_device = _on_device_task(config, task, mesh, rules, verbose)
+    step_fn = make_train_step(on_device.loss_fn if on_device else task.loss_fn, tx, config.train.grad_accum_steps)
+    # The on-device index stays on the mesh from step to step, passed to every step whole.
+    resident = (on_device.index.arrays(),) if on_device else ()
     train_step = None  # compiled at the first batch, whose shapes fix the batch shardings
     logger = MetricLogger(workdir, config.train.steps, global_batch, enabled=verbose,
                           write_files=jax.process_index() == 0)
@@ -120,11 +140,15 @@ def train_and_evaluate(config: Any, workdir: str | os.PathLike, retriever: Any =
     with PreemptionFlag() as preempt:
         for step in range(start, config.train.steps):
             batch = next(loader)
-            host = task.train_batch(state.params["question_encoder"], batch["question"], batch["answer"])
+            if on_device:
+                host = on_device.train_batch(batch["question"], batch["answer"])
+            else:
+                host = task.train_batch(state.params["question_encoder"], batch["question"], batch["answer"])
             if train_step is None:
                 host_shardings = batch_shardings(host, mesh, rules, global_batch)
-                train_step = jit_train_step(step_fn, shardings, host_shardings)
-            state, metrics = train_step(state, to_global(host, host_shardings, global_batch))
+                train_step = jit_train_step(step_fn, shardings, host_shardings,
+                                            on_device.index.shardings() if on_device else None)
+            state, metrics = train_step(state, to_global(host, host_shardings, global_batch), *resident)
             loss = scalar(metrics["loss"])
             done = step + 1
             if not math.isfinite(loss):

@@ -31,11 +31,17 @@ def split_micro_batches(batch: Any, accum_steps: int) -> Any:
 
 def make_train_step(
     loss_fn: LossFn, tx: optax.GradientTransformation, accum_steps: int = 1
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """Returns a pure ``(state, batch) -> (state, metrics)``; jit it with shardings."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Returns a pure ``(state, batch[, resident]) -> (state, metrics)``; jit it with shardings.
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    ``resident`` (default None) is a pytree of arrays that stay on the devices
+    from step to step (an on-device index): given, it is passed whole to every
+    micro-batch as ``loss_fn(params, micro_batch, rng, resident)``, never split.
+    """
+
+    def step(state: TrainState, batch: Any, resident: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        objective = loss_fn if resident is None else (lambda p, b, r: loss_fn(p, b, r, resident))
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
         rng = jax.random.fold_in(state.rng, state.step)
         if accum_steps == 1:
             (loss, aux), grads = grad_fn(state.params, batch, rng)
@@ -51,7 +57,7 @@ def make_train_step(
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             first = jax.tree.map(lambda x: x[0], micro)
-            aux_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, rng)[1])
+            aux_shapes = jax.eval_shape(lambda: objective(state.params, first, rng)[1])
             aux_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes)
             (grads, loss, aux, _), _ = jax.lax.scan(
                 body, (zeros, jnp.zeros((), jnp.float32), aux_zeros, jnp.zeros((), jnp.int32)), micro
@@ -73,12 +79,13 @@ def make_train_step(
 
 
 def jit_train_step(
-    step: Callable, state_shardings: TrainState, batch_shardings: Any
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """``jax.jit`` with explicit in/out shardings; the old state is donated."""
+    step: Callable, state_shardings: TrainState, batch_shardings: Any, resident_shardings: Any = None
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``jax.jit`` with explicit in/out shardings; the old state is donated (the resident arrays are not)."""
+    extra = () if resident_shardings is None else (resident_shardings,)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, batch_shardings) + extra,
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
