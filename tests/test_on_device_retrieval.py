@@ -280,3 +280,33 @@ def test_train_steps_on_device_equal_host_retrieval(world, tmp_path, capsys):
     for step in losses[False]:
         np.testing.assert_allclose(losses[True][step], losses[False][step], rtol=1e-5, atol=1e-6)
     assert (world["index"] / "passage_tokens").is_dir()
+
+
+def test_config_states_and_enforces_the_per_device_bytes(tmp_path):
+    from rag_jax.config import load_config_module
+    from rag_jax.train import config_checks as C
+
+    from pathlib import Path
+
+    cfg = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").get_config()
+    (tmp_path / "manifest.json").write_text(json.dumps({"count": 1_000_000, "dim": 768}))
+    cfg.retrieval.index_dir = str(tmp_path)
+    cfg.retrieval.on_device = True
+    cfg.mesh.shape = (2, 2, 2)
+    C.validate(cfg, num_devices=8)  # CPU reports no memory limit and the budget is 0: unchecked
+    # 1M rows over the 4 (data, fsdp) shards: 250000 x (768 x 4 + 46 x 4 + 4) bytes = 0.759 GiB per device.
+    cfg.retrieval.device_budget_gib = 0.5
+    with pytest.raises(ValueError, match=r"^config\.retrieval\.on_device: the on-device index needs 0\.759 GiB per "
+                                         r"device \(1000000 rows over 4 shards.*over the budget of 0\.500 GiB"):
+        C.validate(cfg, num_devices=8)
+    cfg.retrieval.device_dtype = "bfloat16"  # 250000 x (1536 + 188) bytes = 0.401 GiB
+    C.validate(cfg, num_devices=8)
+    for field, value in (("device_dtype", "float16"), ("approx_recall", 1.0), ("device_budget_gib", -1.0)):
+        bad = load_config_module(Path(__file__).resolve().parents[1] / "configs" / "tiny.py").get_config()
+        bad.retrieval.on_device = True
+        bad.retrieval[field] = value
+        with pytest.raises(ValueError, match=f"config.retrieval.{field}"):
+            C.validate(bad, num_devices=8)
+    cfg.train.closed_book = True
+    with pytest.raises(ValueError, match="config.retrieval.on_device: a closed-book run"):
+        C.validate(cfg, num_devices=8)
