@@ -57,6 +57,13 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     idx.add_argument("--training-sample-size", type=int, help="ScaNN k-means/AH training sample")
     idx.add_argument("--brute-force", action=argparse.BooleanOptionalAction, default=None,
                      help="ScaNN brute force (default below 20,000 passages; the tree options need a tree)")
+    tt = p.add_argument_group("passage token table for retrieval.on_device (otherwise built when training starts)")
+    tt.add_argument("--token-table", metavar="GENERATOR_DIR",
+                    help="also tokenize the passages with this generator's tokenizer into OUT/passage_tokens/")
+    tt.add_argument("--max-combined-length", type=int, default=300, help="as config.data.max_combined_length")
+    tt.add_argument("--title-sep", default=" / ", help="as the RAG config's title_sep")
+    tt.add_argument("--doc-sep", default=" // ", help="as the RAG config's doc_sep")
+    tt.add_argument("--prefix", default=None, help="as the generator config's prefix")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_distributed_arguments(p)
@@ -87,6 +94,12 @@ def run_build_index(args: argparse.Namespace) -> int:
         scann_params={k: v for k, v in scann.items() if v is not None},  # unset flags keep ScaNN's defaults
         overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
     )
+    if args.token_table:
+        from rag_jax.retrieval.token_table import ContextFormat, ensure_index_table
+
+        fmt = ContextFormat(args.prefix, args.title_sep, args.doc_sep, args.max_combined_length)
+        table = ensure_index_table(args.out, args.token_table, fmt, progress=not args.no_progress)
+        print(f"passage token table: {table.path} ({table.count} rows x {table.width} tokens)")
     return 0
 
 

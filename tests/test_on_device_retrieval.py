@@ -238,6 +238,12 @@ def test_on_device_loss_equals_host_retrieval(corpora):
     loss_h, _ = jax.jit(task.loss_fn)(params, host, rng)
 
     od = OnDeviceTask(task, mesh, AXES, open_device_index(task, mesh, AXES, progress=False))
+    # What `rag-jax build-index --token-table GENERATOR_DIR` makes ahead of training is the table training uses.
+    from rag_jax.retrieval.token_table import TABLE_SUBDIR, ensure_index_table
+
+    ahead = ensure_index_table(corpora["root"] / "tiny_index", corpora["root"] / "tok0",
+                               ContextFormat(None, " / ", " // ", 64), progress=False)
+    assert [p.name for p in (corpora["root"] / "tiny_index" / TABLE_SUBDIR).iterdir()] == [ahead.path.name]
     batch = od.train_batch(questions, answers)
     assert set(batch) == {"question_input_ids", "question_attention_mask", "question_token_type_ids",
                           "question_generator_ids", "question_generator_lengths", "labels"}
@@ -310,3 +316,28 @@ def test_config_states_and_enforces_the_per_device_bytes(tmp_path):
     cfg.train.closed_book = True
     with pytest.raises(ValueError, match="config.retrieval.on_device: a closed-book run"):
         C.validate(cfg, num_devices=8)
+
+
+@pytest.mark.slow  # three training processes (~3-5 min on 2 loaded cores)
+def test_two_processes_on_device_equal_one_process_host(world, tmp_path):
+    """Two real processes x 4 devices with the index sharded across both (each
+    reads only its own rows of the memory-mapped vectors and token table)
+    train with the per-step losses of one process retrieving on the host."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.test_multiprocess_training import _env, _finish, _metrics, _one_process, _train_args
+
+    _finish(_one_process(world, tmp_path / "host", steps=4))
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "launch" / "local_cluster.py"), "-n", "2", "--devices-per-process", "4", "--",
+           str(root / "launch" / "train.py"), *_train_args(world, tmp_path / "device", steps=4),
+           "--config.retrieval.on_device=True"]
+    out = _finish(subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    assert "MiB per device" in out
+    want, _ = _metrics(tmp_path / "host")
+    got, _ = _metrics(tmp_path / "device")
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), (s, got, want)

@@ -171,3 +171,15 @@ def ensure_table(index_dir: str | os.PathLike, corpus: Corpus, tokenizer: TextTo
         multihost_utils.sync_global_devices(f"rag_jax token table {fingerprint[:16]}")
     return open_table(out, fingerprint)
 
+
+def ensure_index_table(index_dir: str | os.PathLike, generator_tokenizer: str | os.PathLike, fmt: ContextFormat,
+                       progress: bool = True) -> TokenTable:
+    """:func:`ensure_table` for the corpus inside an index directory and a
+    tokenizer directory (``rag-jax build-index --token-table``): the table a
+    ``retrieval.on_device`` run with that generator and format would build
+    at start-up, made ahead of it."""
+    from rag_jax.data.tokenize import load_tokenizer
+
+    corpus = Corpus(Path(index_dir) / "corpus")
+    return ensure_table(index_dir, corpus, load_tokenizer(generator_tokenizer, "bart"), fmt, progress)
+
