@@ -132,6 +132,16 @@ def test_token_table_versioned(corpora, tmp_path):
     # A table whose manifest names other inputs is refused, not served.
     with pytest.raises(ValueError, match="made for other inputs"):
         open_table(t1.path, table_fingerprint(odd.checksum, tok, fmt))
+    # A tokenizer whose normalizer rewrites across the passage/question cut is refused before writing.
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    from rag_jax.data.tokenize import TextTokenizer
+
+    bad = Tokenizer(models.WordLevel({"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}, unk_token="<unk>"))
+    bad.pre_tokenizer = pre_tokenizers.Whitespace()
+    bad.normalizer = normalizers.Replace("// ", "#")  # the whole string's " // q" becomes " #q", the parts' not
+    with pytest.raises(ValueError, match="differently at the passage/question boundary"):
+        ensure_table(tmp_path / "bad", demo, TextTokenizer(bad, "bart"), fmt, progress=False)
     # No leftovers of the atomic writes.
     assert not [p for p in (tmp_path / "passage_tokens").iterdir() if p.name.startswith(".")]
 

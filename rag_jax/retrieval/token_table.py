@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from rag_jax.data.tokenize import TextTokenizer
-from rag_jax.rag.inputs import passage_string, split_doc_sep
+from rag_jax.rag.inputs import context_string, passage_string, question_string, split_doc_sep
 from rag_jax.retrieval.corpus import Corpus, _progress, atomic_dir, commit_dir
 
 TABLE_FORMAT = "rag_jax.token_table/1"
@@ -111,10 +111,32 @@ def open_table(path: Path, fingerprint: str) -> TokenTable:
     return TokenTable(path, manifest, tokens, lengths)
 
 
+# Questions whose tokens are joined to sample passages before a table is written.
+PROBE_QUESTIONS = ("who founded it?", " leading space", "two  spaces", '"quoted"', "Ünïcödé 東京", "?")
+
+
+def check_join(tokenizer: TextTokenizer, corpus: Corpus, fmt: ContextFormat, rows: int = 64) -> None:
+    """ValueError unless passage tokens + question tokens equal the tokens of
+    the whole context string on the first ``rows`` passages and the probe
+    questions. ``split_doc_sep`` proves it for byte-level BPE; this catches a
+    generator tokenizer of another kind (a normalizer, a SentencePiece
+    pre-tokenizer) before a table that would silently differ is written."""
+    titles, texts = corpus.batch(0, rows)
+    for t, x in zip(titles, texts):
+        p = passage_string(t, x, fmt.prefix, fmt.title_sep, fmt.doc_sep)
+        for q in PROBE_QUESTIONS:
+            whole = context_string(t, x, q, fmt.prefix, fmt.title_sep, fmt.doc_sep)
+            enc = tokenizer.tok.encode_batch([whole, p, question_string(q, fmt.doc_sep)], add_special_tokens=False)
+            if enc[0].ids != enc[1].ids + enc[2].ids:
+                raise ValueError(f"generator tokenizer splits {whole[:80]!r} differently at the passage/question "
+                                 "boundary: on-device context assembly needs a byte-level BPE tokenizer (as BART's)")
+
+
 def write_table(corpus: Corpus, tokenizer: TextTokenizer, fmt: ContextFormat, out: Path, fingerprint: str,
                 chunk: int = 4096, progress: bool = True) -> Path:
     """Tokenizes every passage of ``corpus`` into a table at ``out``, atomically (temporary dir + rename)."""
     split_doc_sep(fmt.doc_sep)  # refuse a separator the token-space join cannot reproduce, before any work
+    check_join(tokenizer, corpus, fmt)
     if fmt.width < 1:
         raise ValueError(f"max_combined_length {fmt.max_combined_length} leaves no room for passage tokens")
     tmp = atomic_dir(out, overwrite=True)
