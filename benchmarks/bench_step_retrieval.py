@@ -2,7 +2,8 @@
 (``retrieval.on_device``), side by side on 8 fake CPU devices (issue 15).
 
 Both sides run the training loop's own pieces on the same corpus, index,
-models, questions and mesh (data axis 8):
+models, questions and mesh (fsdp axis 8: batch and index rows split 8 ways,
+parameters too):
 
 * host: ``RagTask.train_batch`` (question encoder jit call, copy to host,
   ScaNN search, context strings tokenized) + the jitted step;
@@ -126,7 +127,8 @@ def run(size: str, reps: int) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         models, task, questions, answers = setup(size, Path(tmp))
-        mesh = make_mesh((-1, 1, 1))
+        # fsdp: parameters and Adam moments split 8 ways (replicated on 8 fake devices, base needs ~24 GB).
+        mesh = make_mesh((1, -1, 1))
         rules = R.DEFAULT_RULES
         axes = batch_axes(rules)
         tx, _ = make_optimizer(3e-5, 0, 1000, weight_decay=0.001, max_grad_norm=0.1)
