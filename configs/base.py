@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     # Of every matmul in both towers: highest | high | default (jax.lax.Precision).
     m.matmul_precision = "highest"
+    # Rematerialisation of each BERT/BART layer under the gradient: none |
+    # minimal (keep only weight-matmul outputs) | full (keep only layer inputs).
+    # Trades backward-pass recompute for activation memory; same loss/gradients.
+    m.remat = "none"
     m.dropout = 0.1  # None keeps the checkpoint's own dropout settings
     m.tiny = ml_collections.ConfigDict()
     m.tiny.question_encoder = ml_collections.ConfigDict(dict(

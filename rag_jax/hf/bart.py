@@ -63,7 +63,7 @@ _REQUIRED = {
 # Buffers / duplicates that carry nothing beyond what the rules map.
 _IGNORE = (r"embed_positions\._float_tensor$", r"position_ids$")
 # BartConfig fields that are ours (how to compute), not HF attributes.
-_OURS = ("dtype", "param_dtype", "precision")
+_OURS = ("dtype", "param_dtype", "precision", "remat")
 _TIED = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
 
 

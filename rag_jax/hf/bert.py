@@ -34,7 +34,7 @@ _INERT = (
     "layer_types", "num_labels",
 )
 # BertConfig fields that are ours (how to compute), not HF attributes.
-_OURS = ("dtype", "param_dtype", "precision")
+_OURS = ("dtype", "param_dtype", "precision", "remat")
 # Keys carrying nothing the DPR tower uses: HF buffers, the BERT pooler (DPR
 # reads [CLS] directly), and pre-training heads of BertFor* checkpoints.
 _IGNORE = (r"position_ids$", r"(^|\.)pooler\.", r"^cls\.")

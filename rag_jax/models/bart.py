@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rag_jax.models.layers import PRECISIONS, Attention, Dense, Embed, LayerNorm, activation, causal_bias, padding_bias
+from rag_jax.models.layers import (
+    PRECISIONS, REMAT_MODES, Attention, Dense, Embed, LayerNorm, activation, causal_bias, padding_bias, remat_layer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class BartConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: str = "highest"  # of every matmul (models/layers.py PRECISIONS)
+    remat: str = "none"  # what each layer keeps for backward (models/layers.py REMAT_MODES)
 
     def __post_init__(self) -> None:
         for side in ("encoder", "decoder"):
@@ -55,6 +58,8 @@ class BartConfig:
         activation(self.activation_function)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat {self.remat!r} not in {REMAT_MODES}")
 
     def replace(self, **kw: Any) -> "BartConfig":
         return dataclasses.replace(self, **kw)
@@ -134,8 +139,10 @@ class Bart(nn.Module):
         self.decoder_positions = Embed(n_pos, c.d_model, ("position", "embed"), **emb)
         self.encoder_ln_embedding = LayerNorm(1e-5, c.dtype, c.param_dtype)
         self.decoder_ln_embedding = LayerNorm(1e-5, c.dtype, c.param_dtype)
-        self.encoder_layers = [EncoderLayer(c) for _ in range(c.encoder_layers)]
-        self.decoder_layers = [DecoderLayer(c) for _ in range(c.decoder_layers)]
+        # Static arguments: EncoderLayer's deterministic; DecoderLayer's deterministic, decode.
+        enc_layer, dec_layer = remat_layer(EncoderLayer, c.remat, (3,)), remat_layer(DecoderLayer, c.remat, (5, 6))
+        self.encoder_layers = [enc_layer(c) for _ in range(c.encoder_layers)]
+        self.decoder_layers = [dec_layer(c) for _ in range(c.decoder_layers)]
         self.final_logits_bias = self.param(
             "final_logits_bias",
             nn.with_logical_partitioning(nn.initializers.zeros_init(), ("vocab",)),

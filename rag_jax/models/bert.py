@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from rag_jax.models.layers import PRECISIONS, Attention, Dense, Embed, LayerNorm, activation, padding_bias
+from rag_jax.models.layers import (
+    PRECISIONS, REMAT_MODES, Attention, Dense, Embed, LayerNorm, activation, padding_bias, remat_layer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class BertConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     precision: str = "highest"  # of every matmul (models/layers.py PRECISIONS)
+    remat: str = "none"  # what each layer keeps for backward (models/layers.py REMAT_MODES)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -44,6 +47,8 @@ class BertConfig:
         activation(self.hidden_act)  # fails early on an unknown name
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} not in {PRECISIONS}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat {self.remat!r} not in {REMAT_MODES}")
 
     @property
     def head_dim(self) -> int:
@@ -115,8 +120,9 @@ class DprEncoder(nn.Module):
         x = LayerNorm(c.layer_norm_eps, c.dtype, c.param_dtype, name="embeddings_ln")(x)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         bias = padding_bias(attention_mask)
+        layer = remat_layer(BertLayer, c.remat, (3,))  # static: deterministic
         for i in range(c.num_hidden_layers):
-            x = BertLayer(c, name=f"layer_{i}")(x, bias, deterministic)
+            x = layer(c, name=f"layer_{i}")(x, bias, deterministic)
         if return_sequence:
             return x.astype(jnp.float32)
         pooled = x[:, 0, :]

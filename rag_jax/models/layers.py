@@ -8,6 +8,7 @@ reshapes to and from PyTorch's ``[out, in]`` matrices.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -20,6 +21,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # ``jax.lax.Precision`` spells them. "highest" keeps float32 matmuls exact on
 # accelerators (HF parity); "default" lets them use bf16/tf32 passes.
 PRECISIONS = ("default", "high", "highest")
+
+# What a transformer layer keeps for its backward pass (``model.remat``):
+# "none" keeps every intermediate; "minimal" keeps only the outputs of matmuls
+# against weights (projections, FFN) and recomputes the cheap rest
+# (attention scores/probabilities, softmax, GELU, layer norms, dropout masks);
+# "full" keeps only the layer's inputs and recomputes the whole layer.
+REMAT_MODES = ("none", "minimal", "full")
 
 Dtype = Any
 Array = jax.Array
@@ -56,6 +64,32 @@ def activation(name: str) -> Callable[[Array], Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def remat_layer(layer: type[nn.Module], mode: str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """``layer`` itself for ``mode="none"``, else ``nn.remat(layer)`` with the
+    mode's policy. ``static_argnums`` name the Python-bool arguments
+    (``deterministic``, ``decode``), counting ``self`` as 0.
+
+    The wrapped class creates the same params under the same names (a
+    submodule's scope name comes from its ``name=``/attribute, not its class),
+    so checkpoints and HF import/export do not see the mode. Outside a
+    gradient the checkpoint lowers to its plain body (jax's remat lowering adds
+    its CSE barriers only when differentiated), so decoding is unchanged.
+    Cached per argument tuple so each mode makes one wrapped class.
+    """
+    if mode not in REMAT_MODES:
+        raise ValueError(f"remat {mode!r} not in {REMAT_MODES}")
+    if mode == "none":
+        return layer
+    # Dense/attention-projection matmuls are dot_generals without batch
+    # dimensions (the weight is shared over every token); the attention
+    # einsums batch over (batch, heads) and so are recomputed. Those scores
+    # and probabilities are [rows, heads, L, L], the largest activations at
+    # context length 300, while the kept projections are [rows, L, d] each.
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if mode == "minimal" else None
+    return nn.remat(layer, policy=policy, static_argnums=static_argnums)
 
 
 def partitioned(init: Callable, axes: tuple[str | None, ...]) -> Callable:

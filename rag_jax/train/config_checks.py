@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_jax.data.qa_formats import FORMATS
-from rag_jax.models.layers import DTYPES, PRECISIONS
+from rag_jax.models.layers import DTYPES, PRECISIONS, REMAT_MODES
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import MESH_AXES
 from rag_jax.rag.model import VARIANTS
@@ -48,6 +48,8 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
             raise _fail(f, f"not in {tuple(DTYPES)}")
     if _need(cfg, "model.matmul_precision", str) not in PRECISIONS:
         raise _fail("model.matmul_precision", f"not in {PRECISIONS}")
+    if _need(cfg, "model.remat", str) not in REMAT_MODES:
+        raise _fail("model.remat", f"{m.remat!r} not in {REMAT_MODES}")
     _need(cfg, "model.question_encoder", str)
     _need(cfg, "model.generator", str)
     if not m.question_encoder or not m.generator:

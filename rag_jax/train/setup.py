@@ -168,7 +168,8 @@ def build_models(config: Any, workdir: str | os.PathLike, rng: jax.Array) -> Mod
     (training their tokenizers on the run's own data when none is given)."""
     m = config.model
     dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
-    numerics = dict(dtype=dtype, param_dtype=param_dtype, precision=m.matmul_precision)
+    # remat only changes what the backward pass keeps; decoding is unaffected by it.
+    numerics = dict(dtype=dtype, param_dtype=param_dtype, precision=m.matmul_precision, remat=m.remat)
     dropout = m.get("dropout", None)
     tok_dir = Path(workdir) / "tokenizers"
     texts: list[str] | None = None
