@@ -20,13 +20,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="demo_out", help="where data, index, checkpoints and results go")
     p.add_argument("--fresh", action="store_true", help="ignore cached stages and redo everything")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
+    p.add_argument("--fever", action="store_true",
+                   help="also train on the world's FEVER claims with learned and frozen retrieval")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from rag_jax.demo.run import run_demo
 
-    return run_demo(workdir=args.workdir, fresh=args.fresh, quick=args.quick)
+    return run_demo(workdir=args.workdir, fresh=args.fresh, quick=args.quick, fever=args.fever)
 
 
 SUBCOMMANDS = (
