@@ -129,8 +129,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
 
     path = str(path)
     # config_flags defers a missing file to the first use of the config; fail here instead.
-    if not Path(path).is_file():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    # "FILE:ARG" passes ARG to get_config (configs/fever.py:2way), as config_flags does.
+    file = path.split(":", 1)[0]
+    if not Path(file).is_file():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), file)
     for arg in overrides:
         if not arg.startswith(OVERRIDE_PREFIXES):
             raise ConfigError(f"expected a --config.FIELD=VALUE override, got {arg!r}")

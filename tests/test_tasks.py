@@ -46,8 +46,11 @@ def test_bad_task_names_the_field(fields, needle):
 
 
 def test_fever_config_is_three_way_and_two_way_by_argument():
-    mod = load_config_module(ROOT / "configs" / "fever.py")
-    three, two = mod.get_config(), mod.get_config("2way")
+    from rag_jax.config import load_config
+
+    three = load_config_module(ROOT / "configs" / "fever.py").get_config()
+    two = load_config(f"{ROOT / 'configs' / 'fever.py'}:2way", ["--config.train.lr=1e-5"])  # as rag-jax train reads it
+    assert two.train.lr == 1e-5
     for cfg in (three, two):
         C.validate(cfg, 8)
         assert cfg.task.kind == "classification"
