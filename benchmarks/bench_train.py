@@ -11,13 +11,15 @@
    measured f32 matmul peak; ``6 N tokens`` as a cross-check.
 3. (``--aot``) ahead-of-time compile of the paper-scale config
    (configs/rag_sequence_nq.py: BERT-base + BART-large, global batch 64, K=5,
-   context 300, target 25) for 8 fake CPU devices and three mesh shapes, with
-   per-device memory from ``memory_analysis()``. Abstract shapes only: no
-   weights are ever allocated.
+   context 300, target 25) for 8 (or ``--devices``) fake CPU devices, each
+   mesh shape and ``model.remat`` mode given, with per-device memory from
+   ``memory_analysis()``. Abstract shapes only: no weights are ever allocated.
 
     python benchmarks/bench_train.py --size tiny
     python benchmarks/bench_train.py --size base            # DPR-base + BART-base shapes
     python benchmarks/bench_train.py --aot                  # 8 fake devices, in a subprocess
+    python benchmarks/bench_train.py --aot --remat none --remat minimal --remat full --mesh 8,1,1
+    python benchmarks/bench_train.py --aot --devices 64 --mesh 8,8,1 --remat full
     python benchmarks/bench_train.py --size base --with-aot # all three tables in one run
 """
 from __future__ import annotations
@@ -32,10 +34,13 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-# The AOT child needs 8 host devices, set before jax is imported; the
-# throughput part must see the one real CPU device, so only the child sets it.
+# The AOT child needs 8 (``--devices``) host devices, set before jax is
+# imported; the throughput part must see the one real CPU device, so only the
+# child sets it.
+AOT_DEVICES = int(sys.argv[sys.argv.index("--devices") + 1]) if "--devices" in sys.argv else 8
 if "--aot-child" in sys.argv:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={AOT_DEVICES}").strip()
 
 from common import machine, print_table, set_threads, timeit  # noqa: E402
 
@@ -298,15 +303,16 @@ def run_throughput(args) -> None:
 # ============================================================================
 
 
-def paper_models(layers: int | None, dtype):
+def paper_models(layers: int | None, dtype, remat: str = "none"):
     from rag_jax.models.bart import BartConfig
     from rag_jax.models.bert import BertConfig
 
-    q = BertConfig(dtype=dtype, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)  # BERT-base 768
+    q = BertConfig(dtype=dtype, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                   remat=remat)  # BERT-base 768
     n = layers or 12
     g = BartConfig(vocab_size=50265, d_model=1024, encoder_layers=n, decoder_layers=n, encoder_attention_heads=16,
                    decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096, dropout=0.1,
-                   scale_embedding=False, dtype=dtype)
+                   scale_embedding=False, dtype=dtype, remat=remat)
     return q, g
 
 
@@ -328,15 +334,17 @@ def run_aot_child(args) -> None:
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     config = load_config_module(os.path.join(root, "configs", "rag_sequence_nq.py")).get_config()
     n_dev = len(jax.devices())
-    if n_dev != 8:
-        raise SystemExit(f"bench_train.py --aot: expected 8 fake CPU devices, got {n_dev}")
+    if n_dev != AOT_DEVICES:
+        raise SystemExit(f"bench_train.py --aot: expected {AOT_DEVICES} fake CPU devices, got {n_dev}")
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[config.model.dtype]
-    qc, gc = paper_models(args.layers, dtype)
-    rag_cfg = RagConfig(qc, gc, RagSettings(variant="sequence", n_docs=config.retrieval.n_docs))
-    b = config.train.per_device_batch_size * n_dev  # global batch, as loop.global_batch_size
+    # The paper's global batch (HF finetune_rag: 8 per GPU on 8 GPUs) on every
+    # mesh, so rows of different device counts train the same thing.
+    b = config.train.per_device_batch_size * 8
     k, lq, l, t = (config.retrieval.n_docs, config.data.max_source_length, config.data.max_combined_length,
                    config.data.max_target_length)
 
+    # The param tree is the same in every remat mode (tests/test_remat.py).
+    qc, gc = paper_models(args.layers, dtype)
     ids = jnp.ones((1, 4), jnp.int32)
     boxed = jax.eval_shape(lambda: {
         "question_encoder": DprEncoder(qc).init(jax.random.PRNGKey(0), ids, ids)["params"],
@@ -347,11 +355,16 @@ def run_aot_child(args) -> None:
     tx, _ = optimizer_from_config(config.train)
     rules = R.rules_from_config(config.mesh.logical_axis_rules)
 
-    def loss_fn(params, bt, rng):
-        return rag_loss(params, bt, config=rag_cfg, variant="sequence", epsilon=config.train.label_smoothing,
-                        reduction="mean", dropout_rng=rng), {}
+    def train_step(remat: str):
+        q_cfg, g_cfg = paper_models(args.layers, dtype, remat)
+        rag_cfg = RagConfig(q_cfg, g_cfg, RagSettings(variant="sequence", n_docs=k))
 
-    step = make_train_step(loss_fn, tx, config.train.grad_accum_steps)
+        def loss_fn(params, bt, rng):
+            return rag_loss(params, bt, config=rag_cfg, variant="sequence", epsilon=config.train.label_smoothing,
+                            reduction="mean", dropout_rng=rng), {}
+
+        return make_train_step(loss_fn, tx, config.train.grad_accum_steps)
+
     abstract_state = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
         opt_state=jax.eval_shape(tx.init, abstract_params), rng=jax.eval_shape(lambda: jax.random.PRNGKey(0)),
@@ -368,45 +381,51 @@ def run_aot_child(args) -> None:
     }
     state_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_state))
     print(f"paper-scale: {n_params / 1e6:.1f}M params, train state {state_bytes / GIB:.2f} GiB unsharded; "
-          f"global batch {b}; {machine()}; {load_avg()}", flush=True)
+          f"global batch {b}; {n_dev} devices; {machine()}; {load_avg()}", flush=True)
 
     rows = []
-    for shape in args.meshes:
-        mesh = make_mesh(shape)
-        shardings = state_shardings(boxed, tx, mesh, rules)
-        b_shard = batch_shardings(abstract_batch, mesh, rules)
-        jitted = jit_train_step(step, shardings, b_shard)
-        t0 = time.perf_counter()
-        lowered = jitted.lower(abstract_state, abstract_batch)
-        t_lower = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        t_compile = time.perf_counter() - t0
-        ma = compiled.memory_analysis()
-        arg, out, tmp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
-        alias, code = ma.alias_size_in_bytes, ma.generated_code_size_in_bytes
-        # Donated state aliases the output, so the live peak is about arg + out - alias + temp.
-        peak = arg + out - alias + tmp
-        per_dev_batch = b // (shape[0] * shape[1])
-        rows.append([str(tuple(shape)), str(per_dev_batch), f"{arg / GIB:.2f}", f"{out / GIB:.2f}",
-                     f"{alias / GIB:.2f}", f"{tmp / GIB:.2f}", f"{code / 2**20:.1f} MiB", f"{peak / GIB:.2f}",
-                     f"{t_lower:.0f}+{t_compile:.0f}"])
-        print(rows[-1], f"{load_avg()}", flush=True)
+    for remat in args.remat:
+        step = train_step(remat)
+        for shape in args.meshes:
+            mesh = make_mesh(shape)
+            if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
+                raise SystemExit(f"mesh {shape}: global batch {b} does not split over data x fsdp")
+            shardings = state_shardings(boxed, tx, mesh, rules)
+            b_shard = batch_shardings(abstract_batch, mesh, rules)
+            jitted = jit_train_step(step, shardings, b_shard)
+            t0 = time.perf_counter()
+            lowered = jitted.lower(abstract_state, abstract_batch)
+            t_lower = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            compiled = lowered.compile()
+            t_compile = time.perf_counter() - t0
+            ma = compiled.memory_analysis()
+            arg, out, tmp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
+            alias, code = ma.alias_size_in_bytes, ma.generated_code_size_in_bytes
+            # Donated state aliases the output, so the live peak is about arg + out - alias + temp.
+            peak = arg + out - alias + tmp
+            per_dev_batch = b // (mesh.shape["data"] * mesh.shape["fsdp"])
+            rows.append([str(tuple(mesh.devices.shape)), remat, str(per_dev_batch), f"{arg / GIB:.2f}",
+                         f"{out / GIB:.2f}", f"{alias / GIB:.2f}", f"{tmp / GIB:.2f}", f"{code / 2**20:.1f} MiB",
+                         f"{peak / GIB:.2f}", f"{step_flops(compiled) / 1e12:.2f}", f"{t_lower:.0f}+{t_compile:.0f}"])
+            print(rows[-1], f"{load_avg()}", flush=True)
     lay = ("BART-large 12+12 layers" if not args.layers or args.layers == 12
            else f"BART-large shapes with ONLY {args.layers}+{args.layers} layers (fallback; paper: 12+12)")
     print_table(
         f"AOT compile, paper scale (configs/rag_sequence_nq.py): BERT-base question encoder + {lay}, "
-        f"{n_params / 1e6:.0f}M params, {config.model.dtype} compute / f32 params+Adam, global batch {b} "
-        f"(8 per device x 8), K={k}, question {lq}, context {l}, target {t}; 8 fake CPU devices, "
+        f"{n_params / 1e6:.0f}M params, {config.model.dtype} compute / f32 params+Adam, global batch {b}, "
+        f"K={k}, question {lq}, context {l}, target {t}; {n_dev} fake CPU devices, "
         f"memory_analysis() per device in GiB; {load_avg()}",
-        ["mesh (data,fsdp,tensor)", "examples/data shard", "argument", "output", "alias (donated)", "temp",
-         "generated code", "peak ~ arg+out-alias+temp", "lower+compile s"],
+        ["mesh (data,fsdp,tensor)", "remat", "examples/data shard", "argument", "output", "alias (donated)", "temp",
+         "generated code", "peak ~ arg+out-alias+temp", "TFLOP/device/step (XLA)", "lower+compile s"],
         rows,
     )
 
 
 def run_aot(args) -> None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--aot-child"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--aot-child", "--devices", str(args.devices)]
+    for mode in args.remat:
+        cmd += ["--remat", mode]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     for m in args.meshes:
@@ -426,8 +445,14 @@ def main() -> None:
     ap.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layers", type=int, default=0, help="AOT: BART encoder/decoder layers (default 12 = paper)")
     ap.add_argument("--mesh", action="append", default=None, help="AOT mesh shape, e.g. 2,4,1 (repeatable)")
+    ap.add_argument("--devices", type=int, default=8, help="AOT: fake CPU devices (default 8)")
+    ap.add_argument("--remat", action="append", default=None, choices=("none", "minimal", "full"),
+                    help="AOT: model.remat mode(s) to compile (repeatable; default none)")
     args = ap.parse_args()
-    args.meshes = [tuple(int(x) for x in m.split(",")) for m in (args.mesh or ["8,1,1", "2,4,1", "2,2,2"])]
+    args.remat = args.remat or ["none"]
+    # Default meshes: three 8-device layouts, or the pod default (data x 8-way fsdp) on other counts.
+    default = ["8,1,1", "2,4,1", "2,2,2"] if args.devices == 8 else ["-1,8,1"]
+    args.meshes = [tuple(int(x) for x in m.split(",")) for m in (args.mesh or default)]
     if args.aot_child:
         run_aot_child(args)
         return
