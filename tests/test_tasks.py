@@ -36,11 +36,13 @@ def _tiny():
     ({"kind": "classification", "labels": ("A", "B"), "label_words": ("a",)}, "task.label_words"),
     ({"kind": "classification", "labels": ("A", "B"), "ignore_labels": ("B",)}, "task.ignore_labels"),
     ({"kind": "classification", "labels": ("A", "")}, "task.labels"),
+    ({"kind": "classification", "labels": ("A", "B"), "eval.max_length": 2}, "eval.max_length"),
 ])
 def test_bad_task_names_the_field(fields, needle):
     cfg = _tiny()
     for k, v in fields.items():
-        cfg.task[k] = v
+        section, _, key = k.rpartition(".")
+        cfg[section or "task"][key] = v
     with pytest.raises(ValueError, match=rf"config\.{needle}"):
         C.validate(cfg, 1)
 

@@ -176,6 +176,8 @@ def _validate_task(cfg: Any) -> None:
     if lists["label_words"] and len(lists["label_words"]) != len(labels):
         raise _fail("task.label_words", f"{len(lists['label_words'])} words for {len(labels)} labels "
                     "(one per label, or empty to use the labels themselves)")
+    if isinstance(cfg.eval.get("max_length"), int) and cfg.eval.max_length < 3:
+        raise _fail("eval.max_length", f"{cfg.eval.max_length} cannot hold a predicted label's <s> label </s>")
     both = set(labels) & set(lists["ignore_labels"])
     if both:
         raise _fail("task.ignore_labels", f"{sorted(both)} also in task.labels")
