@@ -63,7 +63,7 @@ RUNS = {
 # and --quick worlds alike; rag/labels.py checks it at start). Their meaning
 # does not matter to the model, only that they are distinct single tokens.
 FEVER_RUNS = {"fever_rag_sequence": False, "fever_rag_sequence_frozen": True}
-FEVER_WORDS = ("supports", "differs", "hidden")
+FEVER_WORDS = ("supports", "differs", "quiet")
 
 
 def _base_config() -> Any:
