@@ -320,15 +320,14 @@ def main() -> int:
         for spec in args.scann or SCANN_DEFAULT_SPECS:
             print(f"ScaNN {spec} ...", flush=True)
             methods.append(scann_method(data, k, spec, tmp, store))
-            print(f"  build {methods[-1].build_s:.1f}s", flush=True)
+            print(f"  build {methods[-1].build_s:.1f}s; sweep (1 thread; load {_load()})", flush=True)
+            sweep(methods[-1], queries, truth, k)  # right away: a run cut short still reports it
         for spec in ([] if args.skip_faiss else args.hnsw or HNSW_DEFAULT_SPECS):
             m, _, efc = spec.partition(":")
             print(f"faiss HNSW M={m} efConstruction={efc} ...", flush=True)
             methods.append(hnsw_method(data, k, int(m), int(efc)))
-            print(f"  build {methods[-1].build_s:.1f}s", flush=True)
-        print(f"sweep (1 thread, recall vs exact; load {_load()})", flush=True)
-        for m in methods:
-            sweep(m, queries, truth, k)
+            print(f"  build {methods[-1].build_s:.1f}s; sweep (1 thread; load {_load()})", flush=True)
+            sweep(methods[-1], queries, truth, k)
         print(f"Retrieval, {n} x {d} {what}, {args.queries} queries ({machine()}); exact (jax matmul + top_k, "
               f"all threads): {exact_qps:.0f} q/s, {4 * d} bytes/passage, build {exact_build:.1f}s")
         compare(methods, queries, k, d, n, args.rounds)
