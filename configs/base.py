@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     k.ignore_labels = ()
 
     c.retrieval = r = ml_collections.ConfigDict()
-    r.index_dir = ""
+    r.index_dir = ""  # a dense (scann/exact) index, or a BM25 one (then train.freeze_question_encoder=True)
     r.n_docs = 5
     # True: retrieval inside the jitted train step. The index's vectors and its
     # passage token table (built beside the index on first use) are sharded
@@ -88,6 +88,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Per-device budget for the on-device index; 0: half the device's memory
     # when the backend reports it (GPU, TPU), unchecked otherwise (CPU).
     r.device_budget_gib = 0.0
+    # Hybrid retrieval (rag_jax/retrieval/fusion.py): a BM25 index of the same
+    # corpus next to the dense index_dir, fused by "rrf" (reciprocal rank,
+    # constant rrf_k) or "score" (min-max normalised, fusion_weight on the
+    # dense side) over each one's top fusion_depth; doc_scores stay q . d.
+    r.bm25_dir = ""
+    r.fusion = "none"  # none | rrf | score
+    r.rrf_k = 60.0
+    r.fusion_weight = 0.5
+    r.fusion_depth = 100
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000

@@ -11,7 +11,7 @@ from rag_jax.cli_train import add_distributed_arguments
 def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "build-index",
-        help="passages -> corpus store -> document embeddings -> ScaNN/exact index directory",
+        help="passages -> corpus store -> document embeddings -> ScaNN/exact index directory (or a BM25 one)",
         description=(
             "Builds a retrieval index directory from a passages file. Intermediate work (corpus store, "
             "embedding shards) lives in OUT.work and is resumed if the command is killed and re-run, as far "
@@ -47,7 +47,8 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="segment ids fed to the encoder: all zeros (DPR, HF RAG) or 0/1 per pair member")
     idx = p.add_argument_group("index")
     idx.add_argument("--out", required=True, help="index directory to create")
-    idx.add_argument("--index-type", choices=["scann", "exact"], default="scann")
+    idx.add_argument("--index-type", choices=["scann", "exact", "bm25"], default="scann",
+                     help="bm25: a sparse BM25 index of the passages' words (bm25s; no encoder or embeddings)")
     idx.add_argument("--num-leaves", type=int, help="ScaNN tree leaves (default ~sqrt(N))")
     idx.add_argument("--num-leaves-to-search", type=int, help="ScaNN leaves searched per query (default ~5%%)")
     idx.add_argument("--reorder-k", type=int, help="ScaNN candidates re-scored exactly (default 200)")
@@ -64,6 +65,13 @@ def add_build_index_parser(subparsers: argparse._SubParsersAction) -> None:
     tt.add_argument("--title-sep", default=" / ", help="as the RAG config's title_sep")
     tt.add_argument("--doc-sep", default=" // ", help="as the RAG config's doc_sep")
     tt.add_argument("--prefix", default=None, help="as the generator config's prefix")
+    bm = p.add_argument_group("BM25 (--index-type bm25; see rag_jax/retrieval/bm25.py)")
+    bm.add_argument("--bm25-k1", type=float, default=0.9, help="term-frequency saturation (default: DPR's 0.9)")
+    bm.add_argument("--bm25-b", type=float, default=0.4, help="length normalisation (default: DPR's 0.4)")
+    bm.add_argument("--bm25-method", choices=["lucene", "robertson", "atire"], default="lucene",
+                    help="bm25s's BM25 variant (default lucene: idf ln(1 + (N - df + .5)/(df + .5)))")
+    bm.add_argument("--bm25-stemmer", choices=["porter", "none"], default="porter")
+    bm.add_argument("--bm25-stopwords", choices=["english", "none"], default="english")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_distributed_arguments(p)
@@ -92,6 +100,8 @@ def run_build_index(args: argparse.Namespace) -> int:
         length_bucket=args.length_bucket, shard_rows=args.shard_rows, dtype=args.dtype,
         token_types=args.token_types, index_type=args.index_type,
         scann_params={k: v for k, v in scann.items() if v is not None},  # unset flags keep ScaNN's defaults
+        bm25_params={"k1": args.bm25_k1, "b": args.bm25_b, "method": args.bm25_method,
+                     "stemmer": args.bm25_stemmer, "stopwords": args.bm25_stopwords},
         overwrite=args.overwrite, strict=args.strict, progress=not args.no_progress,
     )
     if args.token_table:
@@ -106,8 +116,15 @@ def run_build_index(args: argparse.Namespace) -> int:
 def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("search", help="top-k passages for questions from an index directory")
     p.add_argument("questions", nargs="+", help="one or more questions")
-    p.add_argument("--index", required=True, help="index directory from build-index")
-    p.add_argument("--encoder", required=True, help="question encoder directory (HF DPRQuestionEncoder or BERT)")
+    p.add_argument("--index", required=True, help="index directory from build-index (dense, or BM25)")
+    p.add_argument("--encoder", help="question encoder directory (HF DPRQuestionEncoder or BERT); "
+                                     "not needed with a BM25 --index")
+    p.add_argument("--bm25-index", help="a BM25 index of the same corpus: hybrid search, fused with --fusion")
+    p.add_argument("--fusion", choices=["rrf", "score"], default="rrf",
+                   help="hybrid fusion: reciprocal rank (default) or normalised scores")
+    p.add_argument("--rrf-k", type=float, default=60.0, help="reciprocal-rank fusion constant")
+    p.add_argument("--fusion-weight", type=float, default=0.5, help="score fusion: weight of the dense side")
+    p.add_argument("--fusion-depth", type=int, default=100, help="candidates taken from each side")
     p.add_argument("--corpus", help="corpus directory, if not inside the index")
     p.add_argument("-k", type=int, default=5, help="passages per question")
     p.add_argument("--max-length", type=int, default=64, help="question token length")
@@ -118,32 +135,42 @@ def add_search_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_search(args: argparse.Namespace) -> int:
     import rag_jax
     from rag_jax.rag.inputs import retrieve_contexts
+    from rag_jax.retrieval.fusion import Fusion
     from rag_jax.retrieval.retriever import Retriever
 
-    retriever = Retriever(args.index, corpus=args.corpus)
-    encoder = rag_jax.load_encoder(args.encoder)
-    if encoder.dim != retriever.index.dim:
-        raise ValueError(f"question encoder dimension {encoder.dim} != index dimension {retriever.index.dim}")
-    if encoder.tokenizer is None:
-        raise ValueError(f"{args.encoder}: no tokenizer files (vocab.txt / tokenizer.json)")
-    # The retrieval half of the training/inference path; no generator, so no contexts.
-    res = retrieve_contexts(
-        args.questions, question_config=encoder.config, question_params=encoder.params,
-        question_tokenizer=encoder.tokenizer, retriever=retriever, n_docs=args.k, max_question_length=args.max_length,
-    )
+    fusion = Fusion(args.fusion, args.rrf_k, args.fusion_weight, args.fusion_depth)
+    retriever = Retriever(args.index, corpus=args.corpus, bm25=args.bm25_index, fusion=fusion)
+    if not retriever.needs_vectors:  # BM25 alone: words in, no question encoder
+        got = retriever.retrieve(None, args.k, questions=args.questions)
+        ids, titles, texts, scores = got.ids, got.titles, got.texts, got.scores
+    else:
+        if not args.encoder:
+            raise ValueError(f"--encoder is required: {args.index} is a dense index")
+        encoder = rag_jax.load_encoder(args.encoder)
+        if encoder.dim != retriever.index.dim:
+            raise ValueError(f"question encoder dimension {encoder.dim} != index dimension {retriever.index.dim}")
+        if encoder.tokenizer is None:
+            raise ValueError(f"{args.encoder}: no tokenizer files (vocab.txt / tokenizer.json)")
+        # The retrieval half of the training/inference path; no generator, so no contexts.
+        res = retrieve_contexts(
+            args.questions, question_config=encoder.config, question_params=encoder.params,
+            question_tokenizer=encoder.tokenizer, retriever=retriever, n_docs=args.k,
+            max_question_length=args.max_length,
+        )
+        ids, titles, texts, scores = res.ids, res.titles, res.texts, res.doc_scores
     for i, question in enumerate(args.questions):
         if args.json:
             hits = [
-                {"id": str(res.ids[i, j]), "title": res.titles[i][j], "score": float(res.doc_scores[i, j]),
-                 "text": res.texts[i][j]}
+                {"id": str(ids[i, j]), "title": titles[i][j], "score": float(scores[i, j]),
+                 "text": texts[i][j]}
                 for j in range(args.k)
             ]
             print(json.dumps({"question": question, "hits": hits}, ensure_ascii=False))
             continue
         print(f"Q: {question}")
         for j in range(args.k):
-            text = res.texts[i][j]
+            text = texts[i][j]
             snippet = text if len(text) <= 100 else text[:97] + "..."
-            print(f"  {j + 1:2d}. id={res.ids[i, j]}  score={res.doc_scores[i, j]:.4f}  {res.titles[i][j]}  |  {snippet}")
+            print(f"  {j + 1:2d}. id={ids[i, j]}  score={scores[i, j]:.4f}  {titles[i][j]}  |  {snippet}")
     sys.stdout.flush()
     return 0

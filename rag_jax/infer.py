@@ -30,9 +30,13 @@ class Answer:
 
 def write_inference_json(out: str | os.PathLike, *, index_dir: str | None, index_fingerprint: str | None,
                          variant: str, n_docs: int, max_question_length: int, max_combined_length: int,
-                         max_target_length: int) -> None:
+                         max_target_length: int, hybrid: dict[str, Any] | None = None) -> None:
+    """``hybrid``: ``{"bm25_dir", "fusion", "rrf_k", "fusion_weight", "fusion_depth"}`` of a hybrid retriever."""
+    if hybrid:
+        hybrid = {**hybrid, "bm25_dir": str(Path(hybrid["bm25_dir"]).resolve())}
     (Path(out) / INFERENCE_FILE).write_text(json.dumps({
         "index_dir": None if index_dir is None else str(Path(index_dir).resolve()),
+        "hybrid": hybrid or None,
         "index_encoder_fingerprint": index_fingerprint,
         "variant": variant, "n_docs": n_docs, "max_question_length": max_question_length,
         "max_combined_length": max_combined_length, "max_target_length": max_target_length,
@@ -57,7 +61,7 @@ class RagPipeline:
                  max_question_length: int = 64, max_combined_length: int | None = None) -> None:
         if rag.question_tokenizer is None or rag.generator_tokenizer is None:
             raise ValueError("the model directory lacks question_encoder_tokenizer/ or generator_tokenizer/")
-        if retriever.index.dim != rag.config.question_encoder.output_dim:
+        if retriever.index.dim is not None and retriever.index.dim != rag.config.question_encoder.output_dim:
             raise ValueError(
                 f"{retriever.path}: index dimension {retriever.index.dim} does not match the question "
                 f"encoder's {rag.config.question_encoder.output_dim} (index built with another encoder?)"
@@ -97,7 +101,15 @@ class RagPipeline:
         rag = load_rag(model_dir)
         defaults = {k: info[k] for k in ("n_docs", "variant", "max_question_length", "max_combined_length") if k in info}
         defaults.update({k: v for k, v in kw.items() if v is not None})
-        pipe = cls(rag, Retriever(index_dir), **defaults)
+        hybrid = info.get("hybrid") if index_dir == info.get("index_dir") else None  # another --index: alone
+        if hybrid:
+            from rag_jax.retrieval.fusion import Fusion
+
+            retriever = Retriever(index_dir, bm25=hybrid["bm25_dir"], fusion=Fusion(
+                hybrid["fusion"], hybrid["rrf_k"], hybrid["fusion_weight"], hybrid["fusion_depth"]))
+        else:
+            retriever = Retriever(index_dir)
+        pipe = cls(rag, retriever, **defaults)
         pipe.index_encoder_fingerprint = want
         return pipe
 
@@ -165,4 +177,6 @@ def export_from_workdir(config: Any, workdir: str | os.PathLike, out: str | os.P
         variant=config.model.variant, n_docs=config.retrieval.n_docs,
         max_question_length=config.data.max_source_length, max_combined_length=config.data.max_combined_length,
         max_target_length=config.data.max_target_length,
+        hybrid={k: config.retrieval[k] for k in ("bm25_dir", "fusion", "rrf_k", "fusion_weight", "fusion_depth")}
+        if config.retrieval.get("bm25_dir", "") else None,
     )

@@ -98,7 +98,9 @@ class RetrievedContexts:
     (None when no generator tokenizer was given: ``rag-jax search`` only ranks).
     ``doc_scores`` ``[B, K]`` are ``q . d`` in float32, ``doc_embeds``
     ``[B, K, D]`` the stored document vectors (the training step recomputes
-    the scores from them), ``rows``/``ids`` ``[B, K]`` corpus rows and passage
+    the scores from them); from a BM25 index ``doc_scores`` are the BM25
+    scores and ``doc_embeds`` is None (the training step takes the scores as
+    they are). ``rows``/``ids`` ``[B, K]`` corpus rows and passage
     ids. Closed book: one "document", the question itself, with row -1, id
     "", a zero vector and score 0. ``question_*`` ``[B, Lq]`` are the question
     tokens the embedding was computed from.
@@ -110,7 +112,7 @@ class RetrievedContexts:
     context_input_ids: np.ndarray | None
     context_attention_mask: np.ndarray | None
     doc_scores: np.ndarray
-    doc_embeds: np.ndarray
+    doc_embeds: np.ndarray | None
     rows: np.ndarray
     ids: np.ndarray
     titles: list[list[str]]
@@ -141,7 +143,10 @@ def retrieve_contexts(
     the context strings; its ``n_docs`` and ``max_combined_length`` are not
     read (callers decide which defaults apply). ``embed`` replaces the jitted
     embedding (``(params, ids, mask, token_types) -> [B, D]``; multi-process
-    training runs it as one program over the global batch).
+    training runs it as one program over the global batch). A retriever
+    that searches text (BM25, hybrid: its ``needs_text``) also gets the
+    questions; one that needs no vectors (BM25 alone: ``needs_vectors``
+    False) is searched without running the question encoder.
     """
     questions = [str(q) for q in questions]
     for i, q in enumerate(questions):
@@ -169,10 +174,15 @@ def retrieve_contexts(
             titles=[[""] for _ in range(b)],
             texts=[[""] for _ in range(b)],
         )
-    vectors = np.asarray((embed or question_embedder(question_config))(
-        question_params, q["input_ids"], q["attention_mask"], q["token_type_ids"]
-    ))
-    got = retriever.retrieve(vectors, n_docs)
+    vectors = None
+    if getattr(retriever, "needs_vectors", True):  # stand-ins without the attribute are dense
+        vectors = np.asarray((embed or question_embedder(question_config))(
+            question_params, q["input_ids"], q["attention_mask"], q["token_type_ids"]
+        ))
+    if getattr(retriever, "needs_text", False):
+        got = retriever.retrieve(vectors, n_docs, questions=questions)
+    else:
+        got = retriever.retrieve(vectors, n_docs)
     ctx_ids = ctx_mask = None
     if generator_tokenizer is not None:
         strings = build_context_strings(
@@ -186,7 +196,7 @@ def retrieve_contexts(
         context_input_ids=ctx_ids,
         context_attention_mask=ctx_mask,
         doc_scores=np.asarray(got.scores, np.float32),
-        doc_embeds=np.asarray(got.doc_embeds, np.float32),
+        doc_embeds=None if got.doc_embeds is None else np.asarray(got.doc_embeds, np.float32),
         rows=np.asarray(got.rows),
         ids=np.asarray(got.ids),
         titles=got.titles,

@@ -151,17 +151,23 @@ def rag_loss(
 
     The question embedding is recomputed here so gradients reach the question
     encoder through ``doc_scores = q . d``; the document vectors get none.
+    A batch with ``doc_scores`` ``[B, K]`` instead of ``doc_embeds`` (a
+    frozen BM25 retriever) uses them as they are: the question encoder is not
+    run and gets no gradient.
     """
-    if config.question_encoder is None:
-        raise ValueError("rag_loss needs a question encoder (this RagModel has none)")
     r_q = r_g = None
     if dropout_rng is not None:
         r_q, r_g = jax.random.split(dropout_rng)
-    q = question_embedding(
-        config.question_encoder, params["question_encoder"], batch["question_input_ids"],
-        batch["question_attention_mask"], batch.get("question_token_type_ids"), r_q,
-    )
-    scores = marginals.doc_scores(q, jax.lax.stop_gradient(batch["doc_embeds"]))
+    if "doc_embeds" not in batch:
+        scores = jax.lax.stop_gradient(jnp.asarray(batch["doc_scores"], jnp.float32))
+    else:
+        if config.question_encoder is None:
+            raise ValueError("rag_loss needs a question encoder (this RagModel has none)")
+        q = question_embedding(
+            config.question_encoder, params["question_encoder"], batch["question_input_ids"],
+            batch["question_attention_mask"], batch.get("question_token_type_ids"), r_q,
+        )
+        scores = marginals.doc_scores(q, jax.lax.stop_gradient(batch["doc_embeds"]))
     losses = nll(
         config, params, batch["context_input_ids"], batch["context_attention_mask"], scores, batch["labels"],
         variant, epsilon, exclude_bos_score, r_g,

@@ -1,7 +1,10 @@
 """The resumable index build: passages -> corpus store -> document embeddings
-(encoded or imported) -> ScaNN/exact index directory.
+(encoded or imported) -> ScaNN/exact index directory; or passages -> corpus
+store -> BM25 index directory (``index_type="bm25"``: no encoder, no
+embeddings; the same fingerprints, work dir, lock and commit).
 
     manifest = build_index_dir("wiki/index", passages="psgs_w100.tsv", encoder=ctx_dir)
+    manifest = build_index_dir("wiki/bm25", passages="psgs_w100.tsv", index_type="bm25")
 
 All work happens in ``OUT.work``: the corpus store (``corpus/``), the
 embedding shards (``embeddings/``), then the searcher (``scann/``) and the
@@ -39,7 +42,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -57,15 +60,18 @@ from rag_jax.retrieval.corpus import (
     input_warnings,
     same_content,
 )
+from rag_jax.retrieval.bm25 import Bm25Params
 from rag_jax.retrieval.embeddings import STORE_MANIFEST, EmbeddingStore, import_embeddings
 from rag_jax.retrieval.encode import EncodingJob, encode_shards, finish_job, start_job
 from rag_jax.retrieval.faults import fault_point
 from rag_jax.retrieval.index import (
     BRUTE_FORCE_BELOW,
     INDEX_MANIFEST,
+    INDEX_KINDS,
     ScannParams,
     check_pairing,
     unapplied_scann_overrides,
+    write_bm25_index_files,
     write_index_files,
 )
 from rag_jax.retrieval.lock import WriterLock
@@ -73,7 +79,7 @@ from rag_jax.retrieval.lock import WriterLock
 # The parts of a file fingerprint that locate it or cache its hash: two
 # builds with equal inputs may differ in them (a moved or touched file).
 _NOT_CONTENT = ("path", "mtime_ns", "checked_ns")
-_WORK_ENTRIES = ("corpus", "embeddings", "scann", INDEX_MANIFEST)
+_WORK_ENTRIES = ("corpus", "embeddings", "scann", "bm25", INDEX_MANIFEST)
 
 
 def _say(msg: str) -> None:
@@ -187,6 +193,7 @@ def _drop_staged_index(work: Path) -> None:
     """Forgets a finished searcher in the work dir: its inputs are about to be rebuilt."""
     (work / INDEX_MANIFEST).unlink(missing_ok=True)  # first: it is what marks the work dir complete
     shutil.rmtree(work / "scann", ignore_errors=True)
+    shutil.rmtree(work / "bm25", ignore_errors=True)
 
 
 def _passages_reuse(cdir: Path, fingerprint: dict, split_words: int | None) -> tuple[Corpus | None, str]:
@@ -238,6 +245,7 @@ def build_index_dir(
     token_types: str = "zeros",
     index_type: str = "scann",
     scann_params: Mapping[str, Any] | None = None,
+    bm25_params: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = True,
@@ -253,6 +261,8 @@ def build_index_dir(
     ``encoder`` is only recorded (its fingerprint) in the manifest.
     ``scann_params`` overrides ScaNN's defaults (``ScannParams`` fields); one
     that the built index does not apply is reported, never recorded.
+    ``index_type="bm25"`` builds a BM25 index of the corpus store instead
+    (``bm25_params``: ``Bm25Params`` fields), with no encoder or embeddings.
     ``strict`` makes empty passage texts and non-integer DPR TSV ids errors
     (otherwise warnings). An existing ``out`` built from the same inputs and
     options is returned as it is; any other existing ``out`` needs ``overwrite``.
@@ -267,11 +277,16 @@ def build_index_dir(
     if bool(passages) == bool(corpus):
         raise ValueError("give exactly one of --passages FILE or --corpus DIR")
     imports = bool(embeddings_pkl) + bool(embeddings_npy)
-    if imports > 1 or not (imports or encoder):
+    if index_type not in INDEX_KINDS:
+        raise ValueError(f"index type must be one of {INDEX_KINDS}, got {index_type!r}")
+    if index_type == "bm25":
+        if imports or encoder:
+            raise ValueError("--index-type bm25 indexes the passages' words: --encoder / --embeddings-pkl / "
+                             "--embeddings-npy are not used; leave them out")
+    elif imports > 1 or not (imports or encoder):
         raise ValueError("give --encoder (to encode), or one of --embeddings-pkl / --embeddings-npy "
                          "(to import; with --encoder too, its fingerprint is recorded in the manifest)")
-    if index_type not in ("scann", "exact"):
-        raise ValueError(f"index type must be 'scann' or 'exact', got {index_type!r}")
+    bm25 = Bm25Params(**(bm25_params or {})) if index_type == "bm25" else None
     work = out.with_name(out.name + ".work")
     team = _Team()
     if not team.lead:
@@ -283,7 +298,7 @@ def build_index_dir(
         embeddings_pkl=embeddings_pkl, embeddings_npy=embeddings_npy, embeddings_ids=embeddings_ids,
         encode_options={"batch_size": batch_size, "max_length": max_length, "length_bucket": length_bucket or None,
                         "shard_rows": shard_rows or None, "token_types": token_types},
-        dtype=dtype, index_type=index_type,
+        dtype=dtype, index_type=index_type, bm25=bm25,
         scann_overrides={k: v for k, v in (scann_params or {}).items() if v is not None},
         overwrite=overwrite, strict=strict, progress=progress,
     )
@@ -401,6 +416,7 @@ class _Inputs:
     encode_options: dict[str, Any]
     dtype: str
     index_type: str
+    bm25: Bm25Params | None
     scann_overrides: dict[str, Any]
     overwrite: bool
     strict: bool
@@ -461,6 +477,8 @@ def _prepare(out: Path, work: Path, inputs: _Inputs) -> dict[str, Any] | _Prepar
         "index_type": inputs.index_type,
         "scann": inputs.scann_overrides if inputs.index_type == "scann" else None,
     }
+    if inputs.bm25 is not None:  # nothing is encoded: the embedding options do not describe this build
+        record.update(embeddings=None, dtype=None, bm25=asdict(inputs.bm25))
 
     # --- an existing OUT: the same finished build is done, anything else needs --overwrite
     if out.exists() and not inputs.overwrite:
@@ -507,6 +525,9 @@ def _prepare(out: Path, work: Path, inputs: _Inputs) -> dict[str, Any] | _Prepar
         for w in input_warnings(store_corpus, str(passages), inputs.strict):
             _warn(w)
     fault_point("corpus")
+    if inputs.bm25 is not None:  # no embeddings: the BM25 index is built from the corpus store in _finish
+        shutil.rmtree(work / "embeddings", ignore_errors=True)  # a dense build's, killed in this work dir
+        return _Prepared(record, store_corpus, None, None, None, [], None, False, t0, time.perf_counter())
 
     # --- the embedding directory: the encoding job made ready (shards left to encode), or the import done
     edir = work / "embeddings"
@@ -568,6 +589,8 @@ def _encode_lead_share(team: _Team, prepared: _Prepared, work: Path, progress: b
 
 def _finish(prepared: _Prepared, out: Path, work: Path, inputs: _Inputs) -> dict[str, Any]:
     """Process 0, every shard encoded: the embedding manifest, the searcher and the commit."""
+    if inputs.bm25 is not None:
+        return _finish_bm25(prepared, out, work, inputs)
     edir = work / "embeddings"
     store_corpus = prepared.corpus
     if prepared.job is not None:
@@ -606,6 +629,32 @@ def _finish(prepared: _Prepared, out: Path, work: Path, inputs: _Inputs) -> dict
         f"{inputs.index_type} index of {manifest['count']} x {manifest['dim']} in "
         f"{time.perf_counter() - t:.1f}s -> {out} (search structure "
         f"{manifest['search_bytes'] / max(manifest['count'], 1):.0f} bytes/passage; "
+        f"total {time.perf_counter() - prepared.t0:.1f}s)"
+    )
+    return manifest
+
+
+def _finish_bm25(prepared: _Prepared, out: Path, work: Path, inputs: _Inputs) -> dict[str, Any]:
+    """Process 0: the BM25 index of the corpus store, its manifest and the commit."""
+    assert inputs.bm25 is not None
+    _scann_params(len(prepared.corpus), "bm25", inputs.scann_overrides)  # warns about ScaNN flags given
+    t = time.perf_counter()
+    corpus = prepared.corpus
+    staged = _read_json(work / INDEX_MANIFEST)
+    if (staged and _content(staged.get("build")) == _content(prepared.record)
+            and (staged.get("corpus_checksum"), staged.get("count")) == (corpus.checksum, len(corpus))):
+        manifest = staged  # finished before a kill that came ahead of the commit
+        _say(f"reusing the finished index in {work}")
+    else:
+        _drop_staged_index(work)
+        manifest = write_bm25_index_files(work, corpus, inputs.bm25, progress=inputs.progress,
+                                          extra={"build": prepared.record})
+        fault_point("index")
+    commit_dir(work, out)
+    fault_point("commit")
+    _say(
+        f"bm25 index of {manifest['count']} passages in {time.perf_counter() - t:.1f}s -> {out} "
+        f"({manifest['search_bytes'] / max(manifest['count'], 1):.0f} bytes/passage; "
         f"total {time.perf_counter() - prepared.t0:.1f}s)"
     )
     return manifest

@@ -10,7 +10,10 @@ An index directory:
     manifest.json   kind, dim, count, dtype, encoder fingerprint, corpus
                     checksum, search parameters; written last
     embeddings/     the float32 (or f16/bf16) document embeddings, memory-mapped
+                    (kinds "scann" and "exact")
     scann/          the serialized ScaNN searcher (kind "scann")
+    bm25/           the bm25s index and its tokenizer (kind "bm25": searched
+                    with question strings, no embeddings, ``dim`` null)
     corpus/         the passages (optional; may live elsewhere)
 
 Directories are built under a temporary name and renamed into place, so an
@@ -33,11 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rag_jax.retrieval.bm25 import Bm25Index, Bm25Params
 from rag_jax.retrieval.corpus import Corpus, atomic_dir, commit_dir
 from rag_jax.retrieval.embeddings import EmbeddingStore, write_store
 
 INDEX_MANIFEST = "manifest.json"
 INDEX_FORMAT = "rag_jax.index/1"
+INDEX_KINDS = ("scann", "exact", "bm25")
 BRUTE_FORCE_BELOW = 20_000
 REORDER_DTYPES = ("memmap", "int8", "bfloat16", "float32", "none")
 
@@ -358,12 +363,12 @@ def rerank_exact(queries: np.ndarray, candidates: np.ndarray, source: Any, k: in
 
 @dataclass
 class LoadedIndex:
-    """A loaded index directory: searcher, memory-mapped embeddings, manifest, corpus."""
+    """A loaded index directory: searcher, memory-mapped embeddings (None for BM25), manifest, corpus."""
 
     path: Path
     manifest: dict
     searcher: Any
-    embeddings: EmbeddingStore
+    embeddings: EmbeddingStore | None
     corpus: Corpus | None = None
     extra: dict = field(default_factory=dict)
 
@@ -372,14 +377,16 @@ class LoadedIndex:
         return self.manifest["kind"]
 
     @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
+    def dim(self) -> int | None:
+        """The vectors' dimension; None for a BM25 index (it has none)."""
+        return None if self.manifest.get("dim") is None else int(self.manifest["dim"])
 
     @property
     def count(self) -> int:
         return int(self.manifest["count"])
 
-    def search(self, queries: np.ndarray, k: int, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: Any, k: int, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (rows, scores); ``queries`` are ``[Q, D]`` vectors, or question strings for BM25."""
         return self.searcher.search(queries, k, **kw)
 
 
@@ -500,6 +507,42 @@ def write_index_files(
     return manifest
 
 
+def write_bm25_index_files(root: Path, corpus: Corpus, params: Bm25Params, progress: bool = True,
+                           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Builds the BM25 index of ``corpus`` into ``root/bm25`` and writes the manifest last
+    (through a rename: the manifest marks the directory complete). Returns it."""
+    t0 = time.perf_counter()
+    Bm25Index.build(corpus, params, progress=progress).save(root / "bm25")
+    manifest: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "kind": "bm25",
+        "dim": None,
+        "count": len(corpus),
+        "dtype": None,
+        "encoder_fingerprint": None,
+        "corpus_checksum": corpus.checksum,
+        "bm25": asdict(params),
+        "build_seconds": round(time.perf_counter() - t0, 3),
+        "search_bytes": _dir_bytes(root / "bm25"),
+    }
+    manifest.update(extra or {})
+    partial = root / (INDEX_MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, root / INDEX_MANIFEST)
+    return manifest
+
+
+def index_kind(path: str | os.PathLike) -> str:
+    """The kind (``INDEX_KINDS``) recorded in an index directory's manifest."""
+    mf = Path(path) / INDEX_MANIFEST
+    if not mf.is_file():
+        raise FileNotFoundError(f"{path}: not a complete index directory (no {INDEX_MANIFEST}; an interrupted build?)")
+    try:
+        return str(json.loads(mf.read_text())["kind"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{mf}: no readable index kind ({e})") from e
+
+
 def load_index(
     path: str | os.PathLike,
     corpus: Corpus | str | os.PathLike | None = None,
@@ -543,6 +586,9 @@ def load_index(
                 f"{root}: index was encoded with encoder {have[:16]}..., the given encoder is "
                 f"{encoder_fingerprint[:16]}... (re-encode the corpus or pass the matching encoder)"
             )
+    if manifest["kind"] == "bm25":
+        bm25 = Bm25Index.load(root / "bm25", Bm25Params(**manifest["bm25"]), int(manifest["count"]))
+        return LoadedIndex(root, manifest, bm25, None, corpus)
     store = EmbeddingStore(root / "embeddings")
     if store.count != int(manifest["count"]) or store.dim != int(manifest["dim"]):
         raise ValueError(f"{root}: embeddings {store.shape} disagree with manifest ({manifest['count']}, {manifest['dim']})")

@@ -12,6 +12,7 @@ from rag_jax.models.layers import DTYPES, PRECISIONS, REMAT_MODES
 from rag_jax.parallel.mesh import resolve_mesh_shape
 from rag_jax.parallel.rules import MESH_AXES
 from rag_jax.rag.model import VARIANTS
+from rag_jax.retrieval.fusion import FUSIONS
 from rag_jax.train.optim import SCHEDULES
 
 QA_FORMATS = ("auto",) + FORMATS
@@ -87,6 +88,18 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
     if _need(cfg, "retrieval.n_docs", int) <= 0:
         raise _fail("retrieval.n_docs", "must be positive")
     _check_on_device(cfg, num_devices)
+    r = cfg.retrieval
+    if _need(cfg, "retrieval.fusion", str) not in ("none",) + FUSIONS:
+        raise _fail("retrieval.fusion", f"{r.fusion!r} not in {('none',) + FUSIONS}")
+    if bool(_need(cfg, "retrieval.bm25_dir", str)) != (r.fusion != "none"):
+        raise _fail("retrieval.fusion", f"is {r.fusion!r} with retrieval.bm25_dir {r.bm25_dir!r}: hybrid retrieval "
+                    "needs both (bm25_dir and fusion rrf|score), dense or BM25 alone neither")
+    if _need(cfg, "retrieval.rrf_k", float) <= 0:
+        raise _fail("retrieval.rrf_k", "must be > 0")
+    if not 0 <= _need(cfg, "retrieval.fusion_weight", float) <= 1:
+        raise _fail("retrieval.fusion_weight", "must be in [0, 1]")
+    if _need(cfg, "retrieval.fusion_depth", int) < r.n_docs:
+        raise _fail("retrieval.fusion_depth", f"must be >= retrieval.n_docs ({r.n_docs})")
 
     t = cfg.train
     for f in ("train.steps", "train.per_device_batch_size", "train.grad_accum_steps", "train.log_every"):

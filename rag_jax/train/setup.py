@@ -73,6 +73,8 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
             raise ValueError("config.retrieval.index_dir is empty: set --config.retrieval.index_dir=DIR "
                              "(made by rag-jax build-index), or --config.train.closed_book")
         dirs.append("retrieval.index_dir")
+        if config.retrieval.get("bm25_dir", ""):
+            dirs.append("retrieval.bm25_dir")
     for field in dirs:
         section, key = field.split(".")
         value = config[section].get(key, "")
@@ -85,6 +87,8 @@ def check_inputs(config: Any, required: tuple[str, ...] = ("train",), need_index
         path = m.get(tokenizer, "") or m[model]
         if path:
             check_tokenizer_dir(path, kind)
+    if need_index and not config.train.closed_book:
+        check_index_kinds(config)
     if trained_workdir is not None and not (Path(trained_workdir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"{Path(trained_workdir) / 'checkpoints'}: no such directory "
                                 "(not a training workdir: train into it first)")
@@ -118,6 +122,40 @@ def label_words(config: Any) -> tuple[str, ...]:
     """The generator words of a classification task's labels (none for other kinds)."""
     t = config.task
     return (tuple(t.label_words) or tuple(t.labels)) if t.kind == "classification" else ()
+
+
+def check_index_kinds(config: Any) -> None:
+    """The retrieval indexes fit the config: a BM25 ``index_dir`` needs a frozen
+    retriever (its scores give the question encoder no gradient: training it
+    would only apply weight decay), and a hybrid pairs a dense ``index_dir``
+    with a BM25 ``bm25_dir``."""
+    from rag_jax.retrieval.index import index_kind
+
+    r = config.retrieval
+    kind = index_kind(r.index_dir)
+    if kind == "bm25" and r.get("bm25_dir", ""):
+        raise ValueError(f"config.retrieval.index_dir: {r.index_dir} is a BM25 index; a hybrid needs a dense "
+                         "index there (bm25_dir holds the BM25 one)")
+    if kind == "bm25" and not config.train.freeze_question_encoder:
+        raise ValueError(f"config.train.freeze_question_encoder: must be True with the BM25 index {r.index_dir} "
+                         "(BM25 retrieval is frozen: its scores give the question encoder no gradient)")
+    if r.get("bm25_dir", "") and index_kind(r.bm25_dir) != "bm25":
+        raise ValueError(f"config.retrieval.bm25_dir: {r.bm25_dir} is a {index_kind(r.bm25_dir)} index, "
+                         "not a BM25 one (build-index --index-type bm25)")
+
+
+def retriever_from_config(config: Any) -> Any:
+    """The ``Retriever`` that ``config.retrieval`` names: dense, BM25, or hybrid."""
+    from rag_jax.retrieval.fusion import Fusion
+    from rag_jax.retrieval.retriever import Retriever
+
+    r = config.retrieval
+    if not r.index_dir:
+        raise ValueError("config.retrieval.index_dir is empty (set it, or train.closed_book=True)")
+    if not r.get("bm25_dir", ""):
+        return Retriever(r.index_dir)
+    return Retriever(r.index_dir, bm25=r.bm25_dir, fusion=Fusion(r.fusion, float(r.rrf_k), float(r.fusion_weight),
+                                                                 int(r.fusion_depth)))
 
 
 def _train_question_tokenizer(texts: list[str], out: Path, vocab_size: int) -> Path:
@@ -236,11 +274,7 @@ def boxed_params(models: Models) -> Any:
 def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
     closed = bool(config.train.closed_book)
     if retriever is None and not closed:
-        from rag_jax.retrieval.retriever import Retriever
-
-        if not config.retrieval.index_dir:
-            raise ValueError("config.retrieval.index_dir is empty (set it, or train.closed_book=True)")
-        retriever = Retriever(config.retrieval.index_dir)
+        retriever = retriever_from_config(config)
     # The run's own settings, so an exported config.json tells HF (and load_rag) what training used.
     # Not label_smoothing: HF also scores RAG-Sequence candidates with it, which would change decoding.
     settings = RagSettings(

@@ -7,6 +7,9 @@ the jitted step ``rag_loss`` recomputes the question embedding so gradients
 reach the question encoder through ``doc_scores = q . d`` (document encoder
 and index frozen, paper section 2.4). Closed-book BART is the same program
 with one "document" that is the question itself and a zero document vector.
+With a BM25 index (the paper's frozen-BM25 ablation) the batch carries the
+BM25 scores as ``doc_scores`` instead of ``doc_embeds``, and the question
+encoder is not run at all.
 """
 from __future__ import annotations
 
@@ -75,6 +78,13 @@ class RagTask:
     def train_batch(self, question_params: Any, questions: Sequence[str], answers: Sequence[str]) -> dict[str, np.ndarray]:
         """Everything the jitted step reads, as fixed-shape numpy arrays."""
         r = self.retrieve(question_params, questions)
+        if r.doc_embeds is None:  # BM25: the scores are final, nothing reaches the question encoder
+            return {
+                "context_input_ids": r.context_input_ids,
+                "context_attention_mask": r.context_attention_mask,
+                "doc_scores": r.doc_scores,
+                "labels": self.tokenize_targets(answers),
+            }
         return {
             "question_input_ids": r.question_input_ids,
             "question_attention_mask": r.question_attention_mask,
