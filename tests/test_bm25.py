@@ -150,35 +150,91 @@ def test_build_index_bm25_cli_resume_identical_and_changed(tmp_path, capsys):
     assert "are not used" in capsys.readouterr().err
 
 
-def test_frozen_bm25_training_step_gives_the_question_encoder_no_gradient(tmp_path):
+def test_rag_loss_on_bm25_scores_gives_the_question_encoder_no_gradient():
     import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
 
+    from rag_jax.models.bart import Bart, BartConfig
+    from rag_jax.models.bert import BertConfig, DprEncoder
+    from rag_jax.rag.model import RagConfig, nll, rag_loss
+
+    qc = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                    max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    gc = BartConfig(vocab_size=24, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                    decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=16,
+                    dropout=0.0, init_std=0.5)
+    ids = jnp.ones((1, 4), jnp.int32)
+    params = nn.meta.unbox(jax.jit(lambda r: {"question_encoder": DprEncoder(qc).init(r, ids, ids)["params"],
+                                              "generator": Bart(gc).init(r, ids, ids, ids)["params"]})(
+        jax.random.PRNGKey(0)))
+    config = RagConfig(qc, gc)
+    rng = np.random.default_rng(0)
+    ctx = rng.integers(3, 24, (2, 3, 6)).astype(np.int32)
+    labels = np.array([[2, 0, 5, 7, 2], [2, 0, 9, 2, 1]], np.int32)
+    batch = {"context_input_ids": ctx, "context_attention_mask": np.ones_like(ctx),
+             "doc_scores": np.array([[12.5, 9.0, 3.25], [7.0, 6.5, 6.0]], np.float32), "labels": labels}
+
+    @jax.jit
+    def run(p):
+        # Differentiated in the question encoder only (a generator backward pass would cost a compile here).
+        loss, grads = jax.value_and_grad(
+            lambda qe: rag_loss({**p, "question_encoder": qe}, batch, config=config, reduction="sum"))(
+            p["question_encoder"])
+        return loss, grads, nll(config, p, ctx, batch["context_attention_mask"], batch["doc_scores"], labels).sum()
+
+    loss, grads, want = run(params)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)  # the BM25 scores are the doc scores
+    # Not run at all: a gradient of exact zeros (tests/test_rag_loss.py shows it is not with doc_embeds).
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
+
+
+def _bm25_world(root):
     from rag_jax.demo.world import generate_world
-    from rag_jax.train.config_checks import validate
-    from rag_jax.train.setup import build_models, check_inputs, make_task
-    from tests.train_fixtures import tiny_config
 
-    world = generate_world(tmp_path / "world", seed=3, num_people=20, num_orgs=8, num_cities=8, num_countries=3,
+    world = generate_world(root / "world", seed=3, num_people=20, num_orgs=8, num_cities=8, num_countries=3,
                            num_rivers=4)
-    index = tmp_path / "bm25"
+    index = root / "bm25"
     assert cli_main(["build-index", "--passages", str(world.passages), "--index-type", "bm25", "--out", str(index),
                      "--no-progress"]) == 0
+    return world, index
+
+
+def test_a_bm25_index_needs_a_frozen_retriever(tmp_path):
+    from rag_jax.train.setup import check_inputs
+    from tests.train_fixtures import tiny_config
+
+    world, index = _bm25_world(tmp_path)
     cfg = tiny_config({"train": world.qa_jsonl["train"], "index": index, "encoder": ""})
-    validate(cfg)
     with pytest.raises(ValueError, match=r"^config.train.freeze_question_encoder: must be True with the BM25"):
         check_inputs(cfg)
+    cfg.retrieval.bm25_dir, cfg.retrieval.fusion = str(index), "rrf"
+    with pytest.raises(ValueError, match=r"^config.retrieval.index_dir: .* is a BM25 index; a hybrid needs a dense"):
+        check_inputs(cfg)
+    cfg.retrieval.bm25_dir, cfg.retrieval.fusion = "", "none"
     cfg.train.freeze_question_encoder = True
     check_inputs(cfg)
-    models = build_models(cfg, tmp_path / "work", jax.random.PRNGKey(0))
-    task = make_task(cfg, models)
-    from rag_jax.data.qa_formats import read_qa
 
-    recs = list(read_qa(world.qa_jsonl["train"], "jsonl"))[:2]
-    batch = task.train_batch(models.params["question_encoder"], [r.question for r in recs], [r.answers[0] for r in recs])
-    assert "doc_embeds" not in batch and "question_input_ids" not in batch
-    want = task.retriever.retrieve(None, 2, questions=[r.question for r in recs]).scores
-    np.testing.assert_array_equal(batch["doc_scores"], want)  # the BM25 scores themselves
-    loss, grads = jax.value_and_grad(lambda p: task.loss_fn(p, batch, jax.random.PRNGKey(1))[0])(models.params)
-    assert np.isfinite(float(loss))
-    assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads["question_encoder"]))
-    assert any(np.asarray(g).any() for g in jax.tree.leaves(grads["generator"]))
+
+@pytest.mark.slow
+def test_training_with_a_frozen_bm25_retriever(tmp_path):
+    """Two real training steps (train_and_evaluate) on BM25 retrieval, then an
+    evaluation: the question encoder stays as initialised, the generator moves."""
+    import jax
+
+    from rag_jax.train.loop import train_and_evaluate
+    from rag_jax.train.setup import build_models
+    from tests.train_fixtures import tiny_config
+
+    world, index = _bm25_world(tmp_path)
+    cfg = tiny_config({"train": world.qa_jsonl["train"], "index": index, "encoder": ""}, steps=2,
+                      global_batch_size=2, freeze_question_encoder=True, warmup_steps=0)
+    cfg.data.dev_file = world.qa_jsonl["dev"]
+    cfg.eval.max_examples = 4
+    out = train_and_evaluate(cfg, tmp_path / "work", verbose=False)
+    assert all(np.isfinite(v) for v in out["losses"].values()) and "recall@1" in out["dev"]
+    init = build_models(cfg, tmp_path / "work", jax.random.split(jax.random.PRNGKey(cfg.train.seed))[0]).params
+    for a, b in zip(jax.tree.leaves(init["question_encoder"]), jax.tree.leaves(out["params"]["question_encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(init["generator"]), jax.tree.leaves(out["params"]["generator"])))
