@@ -19,6 +19,9 @@ all-MiniLM-L6-v2 weights.
     python benchmarks/bench_retrieval.py --encode 256    # + encoding throughput
     # real embeddings: a built index (e.g. the demo's MiniLM one) and its questions
     python benchmarks/bench_retrieval.py --index demo_out/index --questions demo_out/world/test.jsonl
+    # BM25: rag_jax (bm25s) vs rank-bm25 on 1M synthetic passages; BM25 vs DPR recall on the demo
+    python benchmarks/bench_retrieval.py --bm25 --n 1000000 --queries 1000
+    python benchmarks/bench_retrieval.py --bm25-recall demo_out --queries 615
 
 Needs ``faiss-cpu`` (the ``bench`` extra) for the HNSW rows.
 """
@@ -271,6 +274,188 @@ def real_embeddings(args) -> tuple[np.ndarray, np.ndarray, str]:
     queries = rag_jax.load_encoder(enc_dir).encode_texts(questions, max_length=64)
     return data, np.ascontiguousarray(queries, np.float32), f"embeddings of {args.index}, real questions"
 
+# ---------------------------------------------------------------------------
+# BM25 (--bm25, --bm25-recall): bm25s through rag_jax vs rank-bm25; BM25 vs DPR recall
+# ---------------------------------------------------------------------------
+
+
+def zipf_passages(n: int, vocab: int, words: int, seed: int = 0, chunk: int = 50_000):
+    """``n`` synthetic passages of ``words`` words from a ``vocab``-word Zipfian vocabulary.
+
+    Word ``i`` (rank from 0) is drawn with probability proportional to
+    ``1 / (i + 2.7)`` (Zipf-Mandelbrot, exponent 1, as word frequencies in
+    English text); its spelling is a pronounceable letter string (consonant-
+    vowel syllables) that spells out ``i``, so each rank is a distinct word;
+    lengths ~ N(words, words / 5). Titles are two words. Yields Passages in
+    chunks (the texts of 1M passages are not held at once)."""
+    from rag_jax.retrieval.corpus import Passage
+
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(1.0 / (np.arange(vocab) + 2.7))
+    cdf /= cdf[-1]
+    spell = _zipf_spellings(vocab)
+    pid = 0
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        lens = np.clip(rng.normal(words, words / 5, m).astype(int), 5, 3 * words)
+        ids = np.searchsorted(cdf, rng.random(int(lens.sum()) + 2 * m))
+        pos = 0
+        for ln in lens:
+            title = spell[ids[pos]] + " " + spell[ids[pos + 1]]
+            text = " ".join(spell[j] for j in ids[pos + 2 : pos + 2 + ln])
+            pos += 2 + ln
+            pid += 1
+            yield Passage(str(pid), title, text)
+
+
+def _zipf_spellings(vocab: int) -> list[str]:
+    cons, vows = "bcdfghjklmnprstvz", "aeiou"
+    syll = [c + v for c in cons for v in vows]  # 85 syllables
+    out = []
+    for i in range(vocab):
+        parts, x = [], i
+        while True:
+            parts.append(syll[x % len(syll)])
+            x //= len(syll)
+            if not x:
+                break
+        out.append("".join(parts) + "n")  # the final consonant keeps two-letter stopwords ("be", "do") out
+    return out
+
+
+def zipf_questions(corpus, q: int, seed: int = 1) -> list[str]:
+    """Questions of 6 words: 4 drawn from a random passage, 2 from another (noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(q):
+        a = corpus.text(int(rng.integers(len(corpus)))).split()
+        b = corpus.text(int(rng.integers(len(corpus)))).split()
+        out.append(" ".join(list(rng.choice(a, 4)) + list(rng.choice(b, 2))))
+    return out
+
+
+def bench_bm25(n: int, vocab: int, words: int, queries: int, ref_queries: int, ref_n: int) -> list[list[str]]:
+    """Build time and QPS: rag_jax's BM25 index (bm25s) vs rank-bm25's BM25Okapi on the same tokens."""
+    import gc
+
+    from rank_bm25 import BM25Okapi
+
+    from rag_jax.retrieval.bm25 import Bm25Index, Bm25Params, tokenize_corpus
+    from rag_jax.retrieval.corpus import write_corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_bm25_"))
+    rows = []
+    try:
+        t = time.perf_counter()
+        corpus = write_corpus(zipf_passages(n, vocab, words), tmp / "corpus", progress=True)
+        print(f"corpus: {n} passages in {time.perf_counter() - t:.1f}s", flush=True)
+        t = time.perf_counter()
+        tokenizer, ids = tokenize_corpus(corpus, Bm25Params(), progress=True)  # split, stopwords, Porter stems
+        t_tok = time.perf_counter() - t
+        t = time.perf_counter()
+        index = Bm25Index.from_ids(tokenizer, ids, Bm25Params(), progress=True)
+        t_index = time.perf_counter() - t
+        index.save(tmp / "bm25")
+        size = _dir_bytes(tmp / "bm25")
+        qs = zipf_questions(corpus, queries)
+        index.search(qs[:8], 10)  # warm-up
+        t = time.perf_counter()
+        got, _ = index.search(qs, 10)
+        qps = len(qs) / (time.perf_counter() - t)
+        print(f"rag_jax bm25s: tokenize {t_tok:.1f}s, index {t_index:.1f}s, {qps:.1f} q/s ({len(qs)} questions)",
+              flush=True)
+        rows.append(["rag_jax BM25 (bm25s 0.3.16, lucene, numpy backend)", str(n), f"{t_tok:.1f}",
+                     f"{t_index:.1f}", f"{size / n:.0f}", f"{qps:.1f}", f"{len(qs)}", "-"])
+
+        # rank-bm25 on the same tokens (rag_jax's tokenization, not counted on its side).
+        ref_n = min(ref_n or n, n)
+        docs = tokenizer.decode(ids[:ref_n])
+        del ids
+        del index
+        gc.collect()
+        t = time.perf_counter()
+        ref = BM25Okapi(docs, k1=0.9, b=0.4)
+        ref_build = time.perf_counter() - t
+        del docs
+        qtok = [[w for w in toks if w] for toks in _question_tokens(qs[:ref_queries])]
+        t = time.perf_counter()
+        ref_rows = [np.argsort(-ref.get_scores(x), kind="stable")[:10] for x in qtok]
+        ref_qps = len(qtok) / (time.perf_counter() - t)
+        same = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ref_rows, got)]) \
+            if ref_n == n else float("nan")
+        print(f"rank-bm25: build {ref_build:.1f}s, {ref_qps:.2f} q/s ({len(qtok)} questions); "
+              f"top-10 overlap with rag_jax {same:.3f}", flush=True)
+        rows.append(["rank-bm25 0.2.2 BM25Okapi (pure Python)", str(ref_n), "(same tokens)", f"{ref_build:.1f}", "-",
+                     f"{ref_qps:.2f}", f"{len(qtok)}", f"{same:.3f}"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def _question_tokens(questions: list[str]) -> list[list[str]]:
+    from rag_jax.retrieval.bm25 import Bm25Params, make_tokenizer
+
+    tok = make_tokenizer(Bm25Params())
+    return tok.decode(tok.tokenize(questions, update_vocab=True, show_progress=False, return_as="ids"))
+
+
+def bench_bm25_recall(demo: str, queries: int) -> list[list[str]]:
+    """Gold-passage recall@k and QPS on the demo world's test questions: BM25, DPR (the demo's
+    MiniLM index, as the frozen retriever sees it) and both hybrids."""
+    import rag_jax
+    from rag_jax.data.qa_formats import read_qa
+    from rag_jax.demo.run import minilm_dir
+    from rag_jax.retrieval.build import build_index_dir
+    from rag_jax.retrieval.fusion import Fusion
+    from rag_jax.retrieval.retriever import Retriever
+
+    demo_dir = Path(demo)
+    passages, dense_dir = demo_dir / "world" / "passages.tsv", demo_dir / "index"
+    bm25_dir = demo_dir / "bm25_index"
+    t = time.perf_counter()
+    build_index_dir(bm25_dir, passages=passages, index_type="bm25", progress=False)
+    print(f"BM25 index of {passages}: {time.perf_counter() - t:.1f}s", flush=True)
+    recs = [r for r in read_qa(demo_dir / "world" / "test.jsonl") if r.positive_ids][:queries]
+    qs = [r.question for r in recs]
+    vecs = np.ascontiguousarray(rag_jax.load_encoder(minilm_dir()).encode_texts(qs, max_length=64), np.float32)
+    ks = (1, 3, 5, 10, 20)
+    retrievers = {
+        "DPR stand-in (MiniLM, frozen), ScaNN": Retriever(dense_dir),
+        "BM25 (bm25s, k1 0.9, b 0.4, Porter)": Retriever(bm25_dir),
+        "hybrid RRF (c 60, depth 100)": Retriever(dense_dir, bm25=bm25_dir, fusion=Fusion("rrf")),
+        "hybrid score (w 0.5, depth 100)": Retriever(dense_dir, bm25=bm25_dir, fusion=Fusion("score")),
+    }
+    rows = []
+    for name, r in retrievers.items():
+        r.retrieve(vecs[:8], 20, questions=qs[:8] if r.needs_text else None)  # warm-up
+        t = time.perf_counter()
+        got = r.retrieve(vecs, max(ks), questions=qs if r.needs_text else None)
+        qps = len(qs) / (time.perf_counter() - t)
+        hit = np.array([[str(i) in set(rec.positive_ids) for i in row] for rec, row in zip(recs, got.ids)])
+        rec_k = [100 * float(np.mean(hit[:, :k].any(axis=1))) for k in ks]
+        print(f"  {name:40s} " + " ".join(f"R@{k} {v:5.1f}" for k, v in zip(ks, rec_k)) + f"  {qps:8.0f} q/s",
+              flush=True)
+        rows.append([name] + [f"{v:.1f}" for v in rec_k] + [f"{qps:.0f}"])
+    return rows
+
+
+def bm25_main(args) -> int:
+    print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.bm25:
+        rows = bench_bm25(args.n, args.bm25_vocab, args.bm25_words, args.queries, args.bm25_ref_queries,
+                          args.bm25_ref_n)
+        print_table(f"BM25, {args.n} synthetic passages (~{args.bm25_words} words, Zipfian vocabulary of "
+                    f"{args.bm25_vocab}), top-10 ({machine()})",
+                    ["method", "passages", "tokenize (s)", "index build (s)", "bytes/passage", "QPS (1 process)",
+                     "questions", "top-10 overlap"], rows)
+    if args.bm25_recall:
+        rows = bench_bm25_recall(args.bm25_recall, args.queries)
+        print_table(f"Gold-passage recall@k (%), demo world test questions ({machine()})",
+                    ["retriever", "R@1", "R@3", "R@5", "R@10", "R@20", "QPS"], rows)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return 0
+
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,7 +478,18 @@ def main() -> int:
     ap.add_argument("--index", default="", help="benchmark the embeddings of this built index instead of synthetic ones")
     ap.add_argument("--questions", default="", help="with --index: QA JSONL/CSV whose questions are the queries")
     ap.add_argument("--encoder", default="", help="question encoder for --questions (default: the demo's MiniLM)")
+    bm = ap.add_argument_group("BM25 (instead of the dense rows)")
+    bm.add_argument("--bm25", action="store_true", help="BM25 build time and QPS on --n synthetic Zipfian passages, "
+                    "rag_jax (bm25s) vs rank-bm25 (on --bm25-ref-n passages, --bm25-ref-queries questions)")
+    bm.add_argument("--bm25-vocab", type=int, default=200_000)
+    bm.add_argument("--bm25-words", type=int, default=100, help="mean passage length in words")
+    bm.add_argument("--bm25-ref-n", type=int, default=0, help="rank-bm25's passages (default --n)")
+    bm.add_argument("--bm25-ref-queries", type=int, default=10, help="rank-bm25 scores every passage in Python")
+    bm.add_argument("--bm25-recall", default="", metavar="DEMO_OUT",
+                    help="gold-passage recall of BM25, DPR and hybrids on a built demo dir (world/ and index/)")
     args = ap.parse_args()
+    if args.bm25 or args.bm25_recall:
+        return bm25_main(args)
     t = time.perf_counter()
     if args.index:
         data, queries, what = real_embeddings(args)

@@ -101,24 +101,17 @@ class Bm25Index:
 
     @classmethod
     def build(cls, corpus: Corpus, params: Bm25Params = Bm25Params(), progress: bool = True) -> "Bm25Index":
+        tokenizer, ids = tokenize_corpus(corpus, params, progress)
+        return cls.from_ids(tokenizer, ids, params, progress)
+
+    @classmethod
+    def from_ids(cls, tokenizer: Any, ids: list[list[int]], params: Bm25Params, progress: bool = True) -> "Bm25Index":
+        """The bm25s index of passages already tokenized by ``tokenizer`` (:func:`tokenize_corpus`)."""
         import bm25s
 
-        tok = make_tokenizer(params)
-        ids: list[list[int]] = []
-        bar = _progress(progress, "bm25 tokenize", total=len(corpus), unit="psg")
-        for start in range(0, len(corpus), _BATCH):
-            titles, texts = corpus.batch(start, start + _BATCH)
-            # allow_empty: a passage without a word keeps a row (the "" token), so rows stay corpus rows.
-            ids.extend(tok.tokenize([passage_text(t, x) for t, x in zip(titles, texts)], update_vocab=True,
-                                    show_progress=False, return_as="ids", allow_empty=True))
-            if bar is not None:
-                bar.update(len(titles))
-        if bar is not None:
-            bar.close()
         model = bm25s.BM25(k1=params.k1, b=params.b, method=params.method)
-        vocab = tok.get_vocab_dict()
-        model.index((ids, vocab), show_progress=progress)
-        return cls(model, tok, params, len(corpus))
+        model.index((ids, tokenizer.get_vocab_dict()), show_progress=progress)
+        return cls(model, tokenizer, params, len(ids))
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -169,6 +162,23 @@ class Bm25Index:
         for i, ids in enumerate(self.question_ids(questions)):
             rows[i], out[i] = top_k(self._scores(ids), k)
         return rows, out
+
+
+def tokenize_corpus(corpus: Corpus, params: Bm25Params, progress: bool = True) -> tuple[Any, list[list[int]]]:
+    """(the tokenizer, every passage's token ids in corpus order), its vocabulary made from the corpus."""
+    tok = make_tokenizer(params)
+    ids: list[list[int]] = []
+    bar = _progress(progress, "bm25 tokenize", total=len(corpus), unit="psg")
+    for start in range(0, len(corpus), _BATCH):
+        titles, texts = corpus.batch(start, start + _BATCH)
+        # allow_empty: a passage without a word keeps a row (the "" token), so rows stay corpus rows.
+        ids.extend(tok.tokenize([passage_text(t, x) for t, x in zip(titles, texts)], update_vocab=True,
+                                show_progress=False, return_as="ids", allow_empty=True))
+        if bar is not None:
+            bar.update(len(titles))
+    if bar is not None:
+        bar.close()
+    return tok, ids
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
