@@ -229,7 +229,7 @@ def test_training_with_a_frozen_bm25_retriever(tmp_path):
     world, index = _bm25_world(tmp_path)
     cfg = tiny_config({"train": world.qa_jsonl["train"], "index": index, "encoder": ""}, steps=2,
                       global_batch_size=2, freeze_question_encoder=True, warmup_steps=0)
-    cfg.data.dev_file = world.qa_jsonl["dev"]
+    cfg.data.dev_file = str(world.qa_jsonl["dev"])
     cfg.eval.max_examples = 4
     out = train_and_evaluate(cfg, tmp_path / "work", verbose=False)
     assert all(np.isfinite(v) for v in out["losses"].values()) and "recall@1" in out["dev"]
