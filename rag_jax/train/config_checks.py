@@ -212,6 +212,8 @@ def _check_on_device(cfg: Any, num_devices: int | None) -> None:
         raise _fail("retrieval.device_budget_gib", "must be >= 0 (0 = half the device memory when known)")
     if cfg.train.closed_book:
         raise _fail("retrieval.on_device", "a closed-book run retrieves nothing; set it False")
+    if r.get("bm25_dir", ""):
+        raise _fail("retrieval.on_device", "hybrid retrieval (retrieval.bm25_dir) runs on the host; set one of them off")
     manifest = Path(r.index_dir) / "manifest.json" if r.index_dir else None
     if num_devices is None or manifest is None or not manifest.is_file():
         return  # check_inputs names a missing index
@@ -224,6 +226,8 @@ def _check_on_device(cfg: Any, num_devices: int | None) -> None:
     sizes = dict(zip(MESH_AXES, resolve_mesh_shape(cfg.mesh.shape, num_devices)))
     shards = math.prod(sizes[a] for a in axes)
     m = json.loads(manifest.read_text())
+    if m.get("kind") == "bm25":
+        raise _fail("retrieval.on_device", f"{r.index_dir} is a BM25 index; on-device retrieval searches dense vectors")
     need = bytes_per_device(int(m["count"]), int(m["dim"]), cfg.data.max_combined_length - 2, shards, r.device_dtype)
     budget = r.device_budget_gib * 2**30 or _half_device_memory()
     what = (f"the on-device index needs {need / 2**30:.3f} GiB per device ({m['count']} rows over {shards} shards x "
