@@ -201,6 +201,7 @@ def _bm25_world(root):
 
 
 def test_a_bm25_index_needs_a_frozen_retriever(tmp_path):
+    from rag_jax.train.config_checks import validate
     from rag_jax.train.setup import check_inputs
     from tests.train_fixtures import tiny_config
 
@@ -214,6 +215,9 @@ def test_a_bm25_index_needs_a_frozen_retriever(tmp_path):
     cfg.retrieval.bm25_dir, cfg.retrieval.fusion = "", "none"
     cfg.train.freeze_question_encoder = True
     check_inputs(cfg)
+    cfg.retrieval.on_device = True
+    with pytest.raises(ValueError, match=r"^config.retrieval.on_device: .* is a BM25 index"):
+        validate(cfg, 1)
 
 
 @pytest.mark.slow
