@@ -242,3 +242,9 @@ def test_training_with_a_frozen_bm25_retriever(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(init["generator"]), jax.tree.leaves(out["params"]["generator"])))
+    # export + ask: the inference pipeline retrieves from the BM25 index (no question vectors).
+    from rag_jax.infer import RagPipeline, export_from_workdir
+
+    export_from_workdir(cfg, tmp_path / "work", tmp_path / "model")
+    answers = RagPipeline.load(tmp_path / "model").answer(["Who founded the company?"])
+    assert len(answers[0].passages) == cfg.retrieval.n_docs
