@@ -159,7 +159,7 @@ class Retriever:
         ``questions`` (their text) are needed by a BM25 or hybrid retriever
         (:attr:`needs_text`); a BM25 one ignores ``question_vectors``."""
         state, sparse = self._state  # one read: a concurrent swap cannot mix two indexes
-        if self.needs_text and questions is None:
+        if (state.kind == "bm25" or sparse is not None) and questions is None:
             raise ValueError(f"{state.path}: BM25 retrieval needs the questions' text (retrieve(..., questions=))")
         if state.kind == "bm25":
             rows, scores = state.search(list(questions), k)
