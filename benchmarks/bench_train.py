@@ -422,6 +422,32 @@ def run_aot_child(args) -> None:
     )
 
 
+def run_remat_probe() -> None:
+    """Does this backend keep jax.checkpoint's recomputation? An 8-layer MLP's
+    gradient compiled with and without it: per-device temp and the matmuls
+    in the compiled program (a kept remat recomputes 2 per layer)."""
+    import re
+
+    def layer(w, x):
+        return x + jnp.tanh(jnp.tanh(x @ w) @ w.T)
+
+    ws = [jax.ShapeDtypeStruct((256, 1024), jnp.float32)] * 8
+    x = jax.ShapeDtypeStruct((4096, 256), jnp.float32)
+    rows = []
+    for name, f in (("none", layer), ("jax.checkpoint", jax.checkpoint(layer))):
+        def loss(ws, x, f=f):
+            for w in ws:
+                x = f(w, x)
+            return jnp.sum(x)
+
+        compiled = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+        text = compiled.as_text()
+        rows.append([name, f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:.1f}",
+                     str(len(re.findall(r"\} dot\(", text))), str(text.count(" tanh("))])
+    print_table(f"remat probe, 8-layer MLP gradient on {jax.devices()[0].platform}",
+                ["layers", "temp MiB", "dots in compiled HLO", "tanh in compiled HLO"], rows)
+
+
 def run_aot(args) -> None:
     cmd = [sys.executable, os.path.abspath(__file__), "--aot-child", "--devices", str(args.devices)]
     for mode in args.remat:
@@ -443,6 +469,8 @@ def main() -> None:
     ap.add_argument("--aot", action="store_true", help="only the paper-scale AOT compile (8 fake devices)")
     ap.add_argument("--with-aot", action="store_true", help="throughput tables, then the AOT table")
     ap.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--remat-probe", action="store_true",
+                    help="only: does this backend keep jax.checkpoint's recomputation (memory, HLO)?")
     ap.add_argument("--layers", type=int, default=0, help="AOT: BART encoder/decoder layers (default 12 = paper)")
     ap.add_argument("--mesh", action="append", default=None, help="AOT mesh shape, e.g. 2,4,1 (repeatable)")
     ap.add_argument("--devices", type=int, default=8, help="AOT: fake CPU devices (default 8)")
@@ -455,6 +483,9 @@ def main() -> None:
     args.meshes = [tuple(int(x) for x in m.split(",")) for m in (args.mesh or default)]
     if args.aot_child:
         run_aot_child(args)
+        return
+    if args.remat_probe:
+        run_remat_probe()
         return
     if not args.aot:
         run_throughput(args)
