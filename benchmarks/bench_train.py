@@ -440,12 +440,14 @@ def run_remat_probe() -> None:
                 x = f(w, x)
             return jnp.sum(x)
 
-        compiled = jax.jit(jax.grad(loss)).lower(ws, x).compile()
+        lowered = jax.jit(jax.grad(loss)).lower(ws, x)
+        compiled = lowered.compile()
         text = compiled.as_text()
         rows.append([name, f"{compiled.memory_analysis().temp_size_in_bytes / 2**20:.1f}",
+                     str(lowered.as_text().count("stablehlo.dot_general")),
                      str(len(re.findall(r"\} dot\(", text))), str(text.count(" tanh("))])
     print_table(f"remat probe, 8-layer MLP gradient on {jax.devices()[0].platform}",
-                ["layers", "temp MiB", "dots in compiled HLO", "tanh in compiled HLO"], rows)
+                ["layers", "temp MiB", "dots lowered (jax)", "dots compiled (XLA)", "tanh compiled"], rows)
 
 
 def run_aot(args) -> None:
