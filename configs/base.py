@@ -53,6 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
     d.max_source_length = 128  # question tokens
     d.max_target_length = 25  # answer tokens
     d.max_combined_length = 300  # "title / text // question" per doc (HF)
+    # Training batches: "max_length" pads questions, contexts and targets to the
+    # maxima above (HF finetune_rag); "bucket" to the global batch's longest row
+    # rounded up to one of length_buckets (or the maximum), the same loss on
+    # fewer positions (rag_jax/data/padding.py). Steps of 32 bound the padding
+    # a bucket adds to 31 tokens, and a DPR-passage batch's longest context
+    # (about 150-250 BART tokens) falls in 2-3 of them: few extra compiles.
+    d.padding = "bucket"
+    d.length_buckets = (16, 32, 64, 96, 128, 160, 192, 224, 256)
     d.num_threads = 2  # grain read threads per process
 
     # What the generator is trained to produce and how its output is scored

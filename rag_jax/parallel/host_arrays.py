@@ -74,3 +74,12 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.bool_))))
+
+
+def process_max(values: np.ndarray) -> np.ndarray:
+    """The elementwise maximum of ``values`` over every process (each passes
+    the same shape); the values themselves with one process."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    return np.max(multihost_utils.process_allgather(values), axis=0)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rag_jax.data.padding import PADDINGS
 from rag_jax.data.qa_formats import FORMATS
 from rag_jax.models.layers import DTYPES, PRECISIONS, REMAT_MODES
 from rag_jax.parallel.mesh import resolve_mesh_shape
@@ -79,6 +80,14 @@ def validate(cfg: Any, num_devices: int | None = None) -> None:
             raise _fail(f, "must be positive")
     if cfg.data.max_combined_length < cfg.data.max_source_length:
         raise _fail("data.max_combined_length", "shorter than max_source_length")
+    if _need(cfg, "data.padding", str) not in PADDINGS:
+        raise _fail("data.padding", f"{cfg.data.padding!r} not in {PADDINGS}")
+    buckets = _need(cfg, "data.length_buckets", (tuple, list))
+    for i, b in enumerate(buckets):
+        if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
+            raise _fail(f"data.length_buckets[{i}]", f"expected a positive int, got {b!r}")
+    if list(buckets) != sorted(set(buckets)):
+        raise _fail("data.length_buckets", f"must be strictly ascending, got {tuple(buckets)}")
     if _need(cfg, "data.num_threads", int) <= 0:
         raise _fail("data.num_threads", "must be positive")
 

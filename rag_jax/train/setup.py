@@ -15,6 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from rag_jax.data import qa_formats
+from rag_jax.data.padding import bucket_set
 from rag_jax.data.pipeline import dataset_from_config, train_loader_from_config
 from rag_jax.data.tokenize import TextTokenizer, check_tokenizer_dir, load_tokenizer
 from rag_jax.rag.settings import RagSettings
@@ -293,7 +294,17 @@ def make_task(config: Any, models: Models, retriever: Any = None) -> RagTask:
         label_smoothing=config.train.label_smoothing, exclude_bos_score=config.train.exclude_bos_score,
         closed_book=closed, freeze_question_encoder=bool(config.train.freeze_question_encoder),
         kind=t.kind, answer_match=t.answer_match, labels=labels,
+        length_buckets=length_buckets(config.data),
     )
+
+
+def length_buckets(data: Any) -> dict[str, tuple[int, ...]] | None:
+    """``RagTask.length_buckets`` from ``config.data`` (None: ``max_length`` padding)."""
+    if data.padding != "bucket":
+        return None
+    return {"question": bucket_set(data.length_buckets, data.max_source_length),
+            "context": bucket_set(data.length_buckets, data.max_combined_length),
+            "target": bucket_set(data.length_buckets, data.max_target_length)}
 
 
 def global_batch_size(config: Any, num_devices: int) -> int:

@@ -14,13 +14,15 @@ encoder is not run at all.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rag_jax.data.padding import trim_to_buckets
 from rag_jax.data.tokenize import TextTokenizer
+from rag_jax.parallel.host_arrays import process_max
 from rag_jax.rag.inputs import RetrievedContexts, retrieve_contexts
 from rag_jax.rag.labels import LabelSpace, predict_labels
 from rag_jax.rag.model import VARIANTS, RagConfig, nll, rag_loss
@@ -48,6 +50,10 @@ class RagTask:
     kind: str = "qa"
     answer_match: str = "string"
     labels: LabelSpace | None = None  # classification only
+    # Bucketed padding (data/padding.py): per group ("question", "context",
+    # "target") the lengths it may be cut to, each ending with its maximum;
+    # None: everything padded to the maximum (HF).
+    length_buckets: Mapping[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -76,24 +82,32 @@ class RagTask:
         )
 
     def train_batch(self, question_params: Any, questions: Sequence[str], answers: Sequence[str]) -> dict[str, np.ndarray]:
-        """Everything the jitted step reads, as fixed-shape numpy arrays."""
+        """Everything the jitted step reads, as numpy arrays of one of a few
+        fixed shapes (one with ``max_length`` padding, bucketed otherwise).
+
+        With buckets, every process must call this at the same step: the
+        lengths are agreed between processes (a collective)."""
         r = self.retrieve(question_params, questions)
         if r.doc_embeds is None:  # BM25: the scores are final, nothing reaches the question encoder
-            return {
+            batch = {
                 "context_input_ids": r.context_input_ids,
                 "context_attention_mask": r.context_attention_mask,
                 "doc_scores": r.doc_scores,
                 "labels": self.tokenize_targets(answers),
             }
-        return {
-            "question_input_ids": r.question_input_ids,
-            "question_attention_mask": r.question_attention_mask,
-            "question_token_type_ids": r.question_token_type_ids,
-            "context_input_ids": r.context_input_ids,
-            "context_attention_mask": r.context_attention_mask,
-            "doc_embeds": r.doc_embeds,
-            "labels": self.tokenize_targets(answers),
-        }
+        else:
+            batch = {
+                "question_input_ids": r.question_input_ids,
+                "question_attention_mask": r.question_attention_mask,
+                "question_token_type_ids": r.question_token_type_ids,
+                "context_input_ids": r.context_input_ids,
+                "context_attention_mask": r.context_attention_mask,
+                "doc_embeds": r.doc_embeds,
+                "labels": self.tokenize_targets(answers),
+            }
+        if not self.length_buckets:
+            return batch
+        return trim_to_buckets(batch, self.length_buckets, self.generator_tokenizer.pad_token_id, agree=process_max)
 
     def predict_labels(self, generator_params: Any, r: RetrievedContexts) -> np.ndarray:
         """Classification: the arg-max label's index per question ``[B]`` (rag/labels.py)."""
