@@ -163,11 +163,15 @@ class EncodingJob:
     dtype: str
     token_types: str
     length_bucket: int | None
+    # Batches of passages sorted by token length within each shard. False in
+    # the job.json of runs that predate the field (corpus order).
+    sort_by_length: bool = False
 
     @classmethod
     def for_corpus(cls, corpus: Corpus, *, encoder_fingerprint: str | None, batch_size: int = 64,
                    shard_rows: int | None = None, max_length: int = 256, dtype: str = "float32",
-                   token_types: str = "zeros", length_bucket: int | None = 64) -> EncodingJob:
+                   token_types: str = "zeros", length_bucket: int | None = 16,
+                   sort_by_length: bool = True) -> EncodingJob:
         """The job for ``corpus``; ``shard_rows`` (default 64 batches) is rounded up to whole batches."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
@@ -176,7 +180,7 @@ class EncodingJob:
             raise ValueError(f"token_types must be 'zeros' or 'pair', got {token_types!r}")
         rows = int(math.ceil((shard_rows or batch_size * 64) / batch_size) * batch_size)
         return cls(corpus.checksum, len(corpus), encoder_fingerprint, int(batch_size), rows, int(max_length),
-                   dtype, token_types, length_bucket or None)
+                   dtype, token_types, length_bucket or None, bool(sort_by_length))
 
     @classmethod
     def read(cls, out_dir: str | os.PathLike) -> EncodingJob:
@@ -258,23 +262,23 @@ def encode_shards(
     try:
         for s in shards:
             start, rows = s * job.shard_rows, job.rows_in(s)
+            tokens, order = _shard_tokens(corpus, tokenize, start, rows, job)
+            pad_row = tokenize([""], [""])  # fixed shapes: calls are filled with empty passages
             pieces = []
-            pending = None  # one batch in flight: tokenize the next while the device works
-            for b0 in range(start, start + rows, job.batch_size):
-                n = min(job.batch_size, start + rows - b0)
-                titles, texts = corpus.batch(b0, b0 + n)
-                # Fixed shapes: pad with empty passages, drop their outputs. They
-                # do not change the batch's length bucket (its longest passage).
-                titles += [""] * (call_rows - n)
-                texts += [""] * (call_rows - n)
-                batch = _trim(tokenize(titles, texts), job.length_bucket)
-                result = run(batch)
+            pending = None  # one batch in flight: gather the next while the device works
+            for b0 in range(0, rows, job.batch_size):
+                picked = order[b0 : b0 + job.batch_size]
+                n = len(picked)
+                # Empty passages (3 tokens) do not change the batch's length bucket (its longest passage).
+                batch = {k: np.concatenate([v[picked], np.repeat(pad_row[k], call_rows - n, axis=0)])
+                         for k, v in tokens.items()}
+                result = run(_trim(batch, job.length_bucket))
                 if pending is not None:
                     pieces.append(_fetch(*pending, bar))
-                pending = (result, n)
+                pending = (result, picked)
             if pending is not None:
                 pieces.append(_fetch(*pending, bar))
-            save_npy_atomic(out / shard_name(s), to_storage(np.concatenate(pieces), job.dtype))
+            save_npy_atomic(out / shard_name(s), to_storage(_in_corpus_order(pieces, rows), job.dtype))
             fault_point(f"shard-{s}")
     finally:
         if bar is not None:
@@ -312,7 +316,8 @@ def encode_corpus(
     mesh: Mesh | None = None,
     batch_axis: str = "data",
     encoder_fingerprint: str | None = None,
-    length_bucket: int | None = 64,
+    length_bucket: int | None = 16,
+    sort_by_length: bool = True,
     progress: bool = True,
     on_other_job: Callable[[str], None] | None = None,
 ) -> EmbeddingStore:
@@ -323,12 +328,15 @@ def encode_corpus(
     function ``encode_fn(input_ids [N, L], attention_mask [N, L]) -> [N, D]``
     called with batch-sharded jax arrays. ``batch_size`` rows are encoded at
     once, split over the mesh's ``data`` axis (padded to a multiple of its
-    size). ``length_bucket`` trims
+    size). ``sort_by_length`` batches each shard's passages in order of
+    token length (the embeddings are written in corpus order), so that a
+    batch holds passages of nearly one length; ``length_bucket`` then trims
     each batch's padding to the next multiple of it above the batch's longest
-    passage (at most ``max_length / length_bucket`` compiled shapes; DPR's
-    100-word passages mostly need 192 of 256 tokens); ``None`` always pads
-    to ``max_length``. Trimming only removes masked padding, so the
-    embeddings do not change beyond float rounding.
+    passage (at most ``max_length / length_bucket`` compiled shapes, each
+    compiled once per process); ``None`` always pads to ``max_length``.
+    Sorting and trimming only change which passages share a call and how
+    much masked padding it carries, so the embeddings do not change beyond
+    float rounding.
 
     ``out_dir`` may hold an unfinished (or finished) run of the same job,
     which is resumed (or returned). If it holds a different job, ValueError
@@ -340,7 +348,7 @@ def encode_corpus(
     job = EncodingJob.for_corpus(
         corpus, encoder_fingerprint=encoder_fingerprint or _fingerprint(encoder), batch_size=batch_size,
         shard_rows=shard_rows, max_length=max_length, dtype=dtype, token_types=token_types,
-        length_bucket=length_bucket,
+        length_bucket=length_bucket, sort_by_length=sort_by_length,
     )
     missing = start_job(out_dir, job, on_other_job)
     if missing:
@@ -359,11 +367,34 @@ def _trim(batch: dict[str, np.ndarray], bucket: int | None) -> dict[str, np.ndar
     return {k: v[:, :keep] for k, v in batch.items()}
 
 
-def _fetch(result: Any, n: int, bar: Any) -> np.ndarray:
-    arr = np.asarray(jax.device_get(result), np.float32)[:n]
+def _shard_tokens(corpus: Corpus, tokenize: Callable[..., dict[str, np.ndarray]], start: int, rows: int,
+                  job: EncodingJob) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The shard's rows tokenized (to ``max_length``), and the order in which
+    they are batched: by token length when ``job.sort_by_length`` (each batch
+    then holds passages of nearly one length, so trimming to the bucket leaves
+    little padding), else corpus order. Ties keep corpus order (stable), so
+    the batches, and hence the shard's bytes, are the same on every run."""
+    parts = [tokenize(*corpus.batch(b0, min(b0 + job.batch_size, start + rows)))
+             for b0 in range(start, start + rows, job.batch_size)]
+    tokens = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if not job.sort_by_length:
+        return tokens, np.arange(rows)
+    return tokens, np.argsort(tokens["attention_mask"].sum(1), kind="stable")
+
+
+def _fetch(result: Any, picked: np.ndarray, bar: Any) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.asarray(jax.device_get(result), np.float32)[: len(picked)]
     if bar is not None:
-        bar.update(n)
-    return arr
+        bar.update(len(picked))
+    return picked, arr
+
+
+def _in_corpus_order(pieces: Sequence[tuple[np.ndarray, np.ndarray]], rows: int) -> np.ndarray:
+    """The batches' embeddings put back at their shard rows."""
+    out = np.empty((rows, pieces[0][1].shape[1]), np.float32)
+    for picked, arr in pieces:
+        out[picked] = arr
+    return out
 
 
 def _shard_complete(path: Path, rows: int) -> bool:
