@@ -21,6 +21,7 @@
     python benchmarks/bench_train.py --aot --remat none --remat minimal --remat full --mesh 8,1,1
     python benchmarks/bench_train.py --aot --devices 64 --mesh 8,8,1 --remat full
     python benchmarks/bench_train.py --size base --with-aot # all three tables in one run
+    python benchmarks/bench_train.py --size base --real-lengths  # DPR-shaped inputs, each side's own padding
 """
 from __future__ import annotations
 
@@ -299,6 +300,169 @@ def run_throughput(args) -> None:
 
 
 # ============================================================================
+# --real-lengths: DPR-shaped passages and NQ-length questions, each side padded its own way
+# ============================================================================
+
+# Token counts per word (GPT-2/BART BPE and BERT WordPiece on English prose are
+# about 1.3 tokens a word); drawn per word so passages differ in length.
+TOKENS_PER_WORD = ((1, 0.75), (2, 0.18), (3, 0.07))
+MAX_QUESTION, MAX_COMBINED, MAX_TARGET = 128, 300, 25  # configs/rag_sequence_nq.py, HF finetune_rag
+
+
+def _words_to_tokens(rng: np.random.Generator, words: int) -> int:
+    counts, probs = zip(*TOKENS_PER_WORD)
+    return int(rng.choice(counts, size=words, p=probs).sum())
+
+
+def real_length_examples(b: int, k: int, vq: int, vg: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """B examples with K contexts each, padded to HF's maxima (questions 128,
+    contexts 300, targets 25). Contexts are ``<s> title / passage // question
+    </s>`` with a 100-word passage and a 1-6-word title, questions 6-13 words
+    (NQ averages about 9), answers 1-4 words; token counts from
+    ``TOKENS_PER_WORD``. Token ids are random: lengths are what is measured."""
+    rng = np.random.default_rng(seed)
+    q_len = [min(MAX_QUESTION, 2 + _words_to_tokens(rng, int(rng.integers(6, 14)))) for _ in range(b)]
+    qids = np.zeros((b, MAX_QUESTION), np.int64)
+    qmask = np.zeros_like(qids)
+    ctx = np.ones((b, k, MAX_COMBINED), np.int64)  # BART <pad> = 1
+    cmask = np.zeros_like(ctx)
+    labels = np.ones((b, MAX_TARGET), np.int64)
+    for i in range(b):
+        qids[i, : q_len[i]] = rng.integers(5, vq, q_len[i])
+        qids[i, 0], qids[i, q_len[i] - 1] = 101 % vq, 102 % vq
+        qmask[i, : q_len[i]] = 1
+        question = _words_to_tokens(rng, q_len[i] - 2)  # the same question in BART's tokens
+        for j in range(k):
+            n = min(MAX_COMBINED, 1 + _words_to_tokens(rng, int(rng.integers(1, 7))) + 1
+                    + _words_to_tokens(rng, 100) + 1 + question + 1)
+            ctx[i, j, :n] = rng.integers(3, vg, n)
+            ctx[i, j, 0], ctx[i, j, n - 1] = 0, 2
+            cmask[i, j, :n] = 1
+        t = min(MAX_TARGET, 2 + _words_to_tokens(rng, int(rng.integers(1, 5))))
+        labels[i, :t] = rng.integers(3, vg, t)
+        labels[i, 0], labels[i, t - 1] = 0, 2
+    return {"question_input_ids": qids, "question_attention_mask": qmask,
+            "question_token_type_ids": np.zeros_like(qids), "doc_embeds": rng.normal(0, 0.05, (b, k, d)).astype(np.float32),
+            "context_input_ids": ctx, "context_attention_mask": cmask, "labels": labels}
+
+
+def hf_finetune_rag_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What HF ``finetune_rag`` feeds: its collate ``trim_batch`` cuts questions
+    and targets to the batch's longest, while the retriever's contexts stay
+    padded to ``max_combined_length`` (``padding="max_length"``)."""
+    q = int(batch["question_attention_mask"].any(0).nonzero()[0].max()) + 1
+    t = int((batch["labels"] != 1).any(0).nonzero()[0].max()) + 1
+    out = dict(batch)
+    for key in ("question_input_ids", "question_attention_mask", "question_token_type_ids"):
+        out[key] = batch[key][:, :q]
+    out["labels"] = batch["labels"][:, :t]
+    return out
+
+
+def run_real_lengths(args) -> None:
+    """rag_jax with its bucketed padding (data/padding.py, base config's
+    buckets) vs HF with finetune_rag's, on the same examples, one run."""
+    import torch
+
+    from configs.base import get_config
+    from rag_jax.data.padding import trim_to_buckets
+    from rag_jax.rag.model import rag_loss
+    from rag_jax.train.optim import make_optimizer
+    from rag_jax.train.setup import length_buckets
+    from rag_jax.train.state import TrainState
+    from rag_jax.train.step import make_train_step
+
+    if args.size != "base":
+        raise SystemExit("--real-lengths needs --size base (the tiny models have 64/128 positions, not 300)")
+    b, k = (args.batch or SIZES[args.size]["b"]), SIZES[args.size]["k"]
+    reps = args.reps or 2
+    print(f"{machine()}; threads {THREADS}; {load_avg()}", flush=True)
+    peak_jax, peak_torch = matmul_peak(reps=3)
+    print(f"matmul peak: XLA {peak_jax:.1f} GFLOP/s, torch {peak_torch:.1f} GFLOP/s", flush=True)
+    hf, ours = build_models(args.size, k)
+    cfg = ours.config
+    full = real_length_examples(b, k, cfg.question_encoder.vocab_size, cfg.generator.vocab_size,
+                                cfg.question_encoder.output_dim)
+    data = get_config().data
+    data.max_source_length, data.max_combined_length, data.max_target_length = MAX_QUESTION, MAX_COMBINED, MAX_TARGET
+    mine = trim_to_buckets(full, length_buckets(data), pad_token_id=1)
+    theirs = hf_finetune_rag_padding(full)
+    lens = full["context_attention_mask"].sum(-1)
+    shape = lambda x: (f"question {x['question_input_ids'].shape[1]}, context {x['context_input_ids'].shape[2]}, "
+                       f"target {x['labels'].shape[1]}")
+    print(f"contexts {lens.min()}-{lens.max()} tokens (mean {lens.mean():.0f}); rag_jax pads to {shape(mine)}; "
+          f"HF to {shape(theirs)}", flush=True)
+
+    tx, _ = make_optimizer(LR, 0, 10_000, schedule="constant", weight_decay=WD, max_grad_norm=CLIP)
+
+    def loss_fn(params, bt, rng):
+        return rag_loss(params, bt, config=cfg, variant="sequence", epsilon=EPS_LS, reduction="mean",
+                        dropout_rng=rng), {}
+
+    step = make_train_step(loss_fn, tx)
+    jbatch = {n: jnp.asarray(v) for n, v in mine.items()}
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=ours.params, opt_state=tx.init(ours.params),
+                       rng=jax.random.PRNGKey(0))
+    jitted = jax.jit(step, donate_argnums=(0,))
+    # The FLOPs HF's padded shapes cost, from the same program lowered (not compiled) at them.
+    flops_hf = float(jitted.lower(state, {n: jnp.asarray(v) for n, v in theirs.items()}).cost_analysis()["flops"])
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, jbatch).compile()
+    t_compile = time.perf_counter() - t0
+    flops = step_flops(compiled)
+    holder = {"state": state}
+    ours.params = None  # donated by the first step
+
+    def jax_step() -> float:
+        holder["state"], m = compiled(holder["state"], jbatch)
+        jax.block_until_ready((holder["state"], m))
+        return float(m["loss"])
+
+    loss_ours = jax_step()
+    t_ours = timeit(jax_step, warmup=1, reps=reps)
+    print(f"rag_jax: compile {t_compile:.1f}s, step {t_ours:.3f}s, first loss {loss_ours:.5f}; {load_avg()}", flush=True)
+
+    hf.train()
+    opt = torch.optim.AdamW(hf_param_groups(hf), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    tb = {n: torch.tensor(v) for n, v in theirs.items()}
+    lc = theirs["context_input_ids"].shape[2]
+
+    def hf_step() -> float:
+        opt.zero_grad(set_to_none=True)
+        q = hf.rag.question_encoder(tb["question_input_ids"], attention_mask=tb["question_attention_mask"],
+                                    token_type_ids=tb["question_token_type_ids"])[0]
+        scores = torch.bmm(q.unsqueeze(1), tb["doc_embeds"].transpose(1, 2)).squeeze(1)
+        out = hf(context_input_ids=tb["context_input_ids"].reshape(b * k, lc),
+                 context_attention_mask=tb["context_attention_mask"].reshape(b * k, lc),
+                 doc_scores=scores, labels=tb["labels"], reduce_loss=False, n_docs=k, use_cache=False)
+        loss = out.loss.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+        opt.step()
+        return float(loss.detach())
+
+    loss_hf = hf_step()
+    t_hf = timeit(hf_step, warmup=1 if args.size == "tiny" else 0, reps=reps)
+    print(f"HF: step {t_hf:.3f}s, first loss {loss_hf:.5f}; {load_avg()}", flush=True)
+    print_table(
+        f"Train step on real-length inputs, RAG-Sequence, {args.size} shapes, B={b}, K={k}: contexts "
+        f"{lens.min()}-{lens.max()} tokens (100-word passage + title + ~9-word question), each side padded its own "
+        f"way; AdamW + clip, f32; {machine()}, {THREADS} threads, {load_avg()}; median of {reps}; matmul peak "
+        f"XLA {peak_jax:.1f} / torch.mm {peak_torch:.1f} GFLOP/s",
+        ["implementation", "padded to", "s/step", "examples/s", "first-step loss", "GFLOP/step", "GFLOP/s",
+         "of XLA peak", "useful GFLOP/s", "speed-up"],
+        [["rag_jax (data.padding=bucket)", shape(mine), f"{t_ours:.3f}", f"{b / t_ours:.3f}", f"{loss_ours:.5f}",
+          f"{flops / 1e9:.1f}", f"{flops / t_ours / 1e9:.1f}", f"{100 * flops / t_ours / 1e9 / peak_jax:.0f}%",
+          f"{flops / t_ours / 1e9:.1f}", f"{t_hf / t_ours:.2f}x"],
+         ["HF finetune_rag padding (torch)", shape(theirs), f"{t_hf:.3f}", f"{b / t_hf:.3f}", f"{loss_hf:.5f}",
+          f"{flops_hf / 1e9:.1f}", f"{flops_hf / t_hf / 1e9:.1f}", f"{100 * flops_hf / t_hf / 1e9 / peak_jax:.0f}%",
+          f"{flops / t_hf / 1e9:.1f}", "1.00x"]],
+    )
+    print("GFLOP/step: XLA cost_analysis of the step at each side's padded shapes; useful GFLOP/s: rag_jax's "
+          "(bucketed) FLOPs over each side's step time.")
+
+
+# ============================================================================
 # 3: ahead-of-time compile of the paper-scale config
 # ============================================================================
 
@@ -468,6 +632,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="override B (base default 2)")
     ap.add_argument("--reps", type=int, default=0, help="timed steps (default 5 tiny, 2 base)")
     ap.add_argument("--hf-single-thread", action="store_true", help="also time HF with 1 torch thread")
+    ap.add_argument("--real-lengths", action="store_true",
+                    help="only the real-length table: DPR-shaped contexts, each side padded its own way")
     ap.add_argument("--aot", action="store_true", help="only the paper-scale AOT compile (8 fake devices)")
     ap.add_argument("--with-aot", action="store_true", help="throughput tables, then the AOT table")
     ap.add_argument("--aot-child", action="store_true", help=argparse.SUPPRESS)
@@ -488,6 +654,9 @@ def main() -> None:
         return
     if args.remat_probe:
         run_remat_probe()
+        return
+    if args.real_lengths:
+        run_real_lengths(args)
         return
     if not args.aot:
         run_throughput(args)
