@@ -22,13 +22,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a much smaller run, for smoke tests")
     p.add_argument("--fever", action="store_true",
                    help="also train on the world's FEVER claims with learned and frozen retrieval")
+    p.add_argument("--bm25", action="store_true",
+                   help="also train RAG-Sequence with a frozen BM25 retriever (the paper's BM25 ablation)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from rag_jax.demo.run import run_demo
 
-    return run_demo(workdir=args.workdir, fresh=args.fresh, quick=args.quick, fever=args.fever)
+    return run_demo(workdir=args.workdir, fresh=args.fresh, quick=args.quick, fever=args.fever, bm25=args.bm25)
 
 
 SUBCOMMANDS = (

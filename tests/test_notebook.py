@@ -45,14 +45,25 @@ def test_ablations_notebook_runs_and_prints_table(tmp_path, monkeypatch):
     )
     assert "| run | k | test EM |" in outputs
     for label in ("RAG-Sequence (learned retriever)", "RAG-Token (learned retriever)",
-                  "RAG-Sequence (frozen retriever)", "closed-book BART", "k=1 at test time", "k=2 at test time"):
+                  "RAG-Sequence (frozen retriever)", "closed-book BART", "RAG-Sequence (frozen BM25 retriever)",
+                  "k=1 at test time", "k=2 at test time", "| FEVER run (test claims) |",
+                  "| fever_rag_sequence | learned |", "| fever_rag_sequence_frozen | frozen |"):
         assert label in outputs, label
     table = (work / "ablations.md").read_text()
-    assert len([l for l in table.splitlines() if l.startswith("| ")]) == 1 + 4 + len(TINY["test_k"])
+    qa, fever = table.split("\n\n")
+    assert len([l for l in qa.splitlines() if l.startswith("| ")]) == 1 + 5 + len(TINY["test_k"])
+    assert len([l for l in fever.splitlines() if l.startswith("| ")]) == 1 + 2
     res = json.loads((work / "ablations.json").read_text())
-    assert set(res["runs"]) == {"rag_sequence", "rag_token", "rag_sequence_frozen", "closed_book"}
+    assert set(res["runs"]) == {"rag_sequence", "rag_token", "rag_sequence_frozen", "closed_book", "rag_sequence_bm25"}
     for run in res["runs"].values():
         assert 0.0 <= run["exact_match"] <= 1.0 and run["examples"] == TINY["eval_examples"]
+    # The BM25 run retrieved from the BM25 index (its manifest says so) and reports retrieval recall.
+    manifest = json.loads((work / "index_bm25" / "manifest.json").read_text())
+    assert manifest.get("kind") == "bm25", manifest.get("kind")
+    assert 0.0 <= res["runs"]["rag_sequence_bm25"]["gold_recall@1"] <= 1.0
+    assert set(res["fever"]) == {"fever_rag_sequence", "fever_rag_sequence_frozen"}
+    for run in res["fever"].values():
+        assert 0.0 <= run["label_accuracy"] <= 1.0 and 0.0 <= run["label_accuracy_2way"] <= 1.0
     # Retrieval runs report answer recall; k=2 documents can only recall more than k=1.
     assert res["test_k"]["2"]["recall@2"] >= res["test_k"]["1"]["recall@1"]
     assert "recall@1" not in res["runs"]["closed_book"]
