@@ -188,6 +188,33 @@ def hf_param_groups(model):
     return [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_hf_step(hf, batch: dict[str, np.ndarray]):
+    """One HF train step (as finetune_rag: question encoder, doc_scores from the
+    given document vectors, RAG loss, clip, torch AdamW) on ``batch`` as padded."""
+    import torch
+
+    hf.train()
+    opt = torch.optim.AdamW(hf_param_groups(hf), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    tb = {n: torch.tensor(v) for n, v in batch.items()}
+    b, k, lc = batch["context_input_ids"].shape
+
+    def hf_step() -> float:
+        opt.zero_grad(set_to_none=True)
+        q = hf.rag.question_encoder(tb["question_input_ids"], attention_mask=tb["question_attention_mask"],
+                                    token_type_ids=tb["question_token_type_ids"])[0]
+        scores = torch.bmm(q.unsqueeze(1), tb["doc_embeds"].transpose(1, 2)).squeeze(1)
+        out = hf(context_input_ids=tb["context_input_ids"].reshape(b * k, lc),
+                 context_attention_mask=tb["context_attention_mask"].reshape(b * k, lc),
+                 doc_scores=scores, labels=tb["labels"], reduce_loss=False, n_docs=k, use_cache=False)
+        loss = out.loss.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+        opt.step()
+        return float(loss.detach())
+
+    return hf_step
+
+
 def run_throughput(args) -> None:
     import torch
 
@@ -244,24 +271,7 @@ def run_throughput(args) -> None:
     print(f"rag_jax: compile {t_compile:.1f}s, step {t_ours:.3f}s, first loss {loss_ours:.4f}; {load_avg()}", flush=True)
 
     # -- HF PyTorch ------------------------------------------------------------
-    hf.train()
-    opt = torch.optim.AdamW(hf_param_groups(hf), lr=LR, betas=(0.9, 0.999), eps=1e-8)
-    tb = {n: torch.tensor(v) for n, v in batch.items()}
-
-    def hf_step() -> float:
-        opt.zero_grad(set_to_none=True)
-        q = hf.rag.question_encoder(tb["question_input_ids"], attention_mask=tb["question_attention_mask"],
-                                    token_type_ids=tb["question_token_type_ids"])[0]
-        scores = torch.bmm(q.unsqueeze(1), tb["doc_embeds"].transpose(1, 2)).squeeze(1)
-        out = hf(context_input_ids=tb["context_input_ids"].reshape(b * k, l),
-                 context_attention_mask=tb["context_attention_mask"].reshape(b * k, l),
-                 doc_scores=scores, labels=tb["labels"], reduce_loss=False, n_docs=k, use_cache=False)
-        loss = out.loss.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
-        opt.step()
-        return float(loss.detach())
-
+    hf_step = make_hf_step(hf, batch)
     loss_hf = hf_step()
     t_hf = timeit(hf_step, warmup=1 if args.size == "tiny" else 0, reps=reps)
     print(f"HF: step {t_hf:.3f}s, first loss {loss_hf:.4f}; {load_avg()}", flush=True)
@@ -362,8 +372,6 @@ def hf_finetune_rag_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarra
 def run_real_lengths(args) -> None:
     """rag_jax with its bucketed padding (data/padding.py, base config's
     buckets) vs HF with finetune_rag's, on the same examples, one run."""
-    import torch
-
     from configs.base import get_config
     from rag_jax.data.padding import trim_to_buckets
     from rag_jax.rag.model import rag_loss
@@ -422,25 +430,7 @@ def run_real_lengths(args) -> None:
     t_ours = timeit(jax_step, warmup=1, reps=reps)
     print(f"rag_jax: compile {t_compile:.1f}s, step {t_ours:.3f}s, first loss {loss_ours:.5f}; {load_avg()}", flush=True)
 
-    hf.train()
-    opt = torch.optim.AdamW(hf_param_groups(hf), lr=LR, betas=(0.9, 0.999), eps=1e-8)
-    tb = {n: torch.tensor(v) for n, v in theirs.items()}
-    lc = theirs["context_input_ids"].shape[2]
-
-    def hf_step() -> float:
-        opt.zero_grad(set_to_none=True)
-        q = hf.rag.question_encoder(tb["question_input_ids"], attention_mask=tb["question_attention_mask"],
-                                    token_type_ids=tb["question_token_type_ids"])[0]
-        scores = torch.bmm(q.unsqueeze(1), tb["doc_embeds"].transpose(1, 2)).squeeze(1)
-        out = hf(context_input_ids=tb["context_input_ids"].reshape(b * k, lc),
-                 context_attention_mask=tb["context_attention_mask"].reshape(b * k, lc),
-                 doc_scores=scores, labels=tb["labels"], reduce_loss=False, n_docs=k, use_cache=False)
-        loss = out.loss.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
-        opt.step()
-        return float(loss.detach())
-
+    hf_step = make_hf_step(hf, theirs)
     loss_hf = hf_step()
     t_hf = timeit(hf_step, warmup=1 if args.size == "tiny" else 0, reps=reps)
     print(f"HF: step {t_hf:.3f}s, first loss {loss_hf:.5f}; {load_avg()}", flush=True)

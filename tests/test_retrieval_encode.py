@@ -130,8 +130,8 @@ def test_killed_and_resumed_job_gives_identical_shards(setup, tmp_path):
     assert done == ["job.json", "shard-00000.npy", "shard-00001.npy"]
     mtimes = {n: (tmp_path / "resumed" / n).stat().st_mtime_ns for n in done if n.startswith("shard")}
     calls["n"] = 0
-    resumed = encode_corpus(corpus, _counting(encode_fn, calls),
-                            tmp_path / "resumed", **common)
+    encode_corpus(corpus, _counting(encode_fn, calls),
+                  tmp_path / "resumed", **common)
     assert calls["n"] == 3  # only the 3 remaining batches were encoded
     for n, t in mtimes.items():
         assert (tmp_path / "resumed" / n).stat().st_mtime_ns == t  # finished shards were not rewritten

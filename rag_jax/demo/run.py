@@ -246,23 +246,29 @@ def _stage_revised_index(work: Path, passages: Path, base_index: Path) -> Path:
     return out
 
 
-def _stage_train(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> dict[str, Any]:
+def _run_once(work: Path, name: str, config: Any, what: str, sizes: dict, losses: bool) -> dict[str, Any]:
+    """Trains and evaluates one run, or reads its finished ``results.json``."""
     from rag_jax.train.loop import train_and_evaluate
 
     run_dir = work / "runs" / name
     done = run_dir / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
-    _say(f"training {name}: {sizes['steps']} steps, batch {sizes['batch']}, k={sizes['n_docs']}")
+    _say(f"training {name}{what}: {sizes['steps']} steps, batch {sizes['batch']}, k={sizes['n_docs']}")
     t0 = time.perf_counter()
-    out = train_and_evaluate(demo_config(paths, sizes, name), run_dir)
-    steps = sorted(out["losses"])  # empty when a finished checkpoint was only evaluated
-    res = {"test": {k: v for k, v in out["test"].items() if not isinstance(v, list)},
-           "final_loss": float(np.mean([out["losses"][s] for s in steps[-20:]])) if steps else None,
-           "first_loss": float(np.mean([out["losses"][s] for s in steps[:20]])) if steps else None,
-           "train_seconds": time.perf_counter() - t0}
+    out = train_and_evaluate(config, run_dir)
+    res: dict[str, Any] = {"test": {k: v for k, v in out["test"].items() if not isinstance(v, list)}}
+    if losses:
+        steps = sorted(out["losses"])  # empty when a finished checkpoint was only evaluated
+        res["final_loss"] = float(np.mean([out["losses"][s] for s in steps[-20:]])) if steps else None
+        res["first_loss"] = float(np.mean([out["losses"][s] for s in steps[:20]])) if steps else None
+    res["train_seconds"] = time.perf_counter() - t0
     done.write_text(json.dumps(res, indent=2))
     return res
+
+
+def _stage_train(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> dict[str, Any]:
+    return _run_once(work, name, demo_config(paths, sizes, name), "", sizes, losses=True)
 
 
 def fever_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> Any:
@@ -280,19 +286,7 @@ def fever_config(paths: dict[str, Path], sizes: dict[str, Any], name: str) -> An
 
 
 def _stage_fever(work: Path, paths: dict[str, Path], sizes: dict, name: str) -> dict[str, Any]:
-    from rag_jax.train.loop import train_and_evaluate
-
-    run_dir = work / "runs" / name
-    done = run_dir / "results.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    _say(f"training {name} (FEVER claims, 3-way): {sizes['steps']} steps, batch {sizes['batch']}, k={sizes['n_docs']}")
-    t0 = time.perf_counter()
-    out = train_and_evaluate(fever_config(paths, sizes, name), run_dir)
-    res = {"test": {k: v for k, v in out["test"].items() if not isinstance(v, list)},
-           "train_seconds": time.perf_counter() - t0}
-    done.write_text(json.dumps(res, indent=2))
-    return res
+    return _run_once(work, name, fever_config(paths, sizes, name), " (FEVER claims, 3-way)", sizes, losses=False)
 
 
 def _fever_table(results: dict[str, Any]) -> str:
