@@ -18,6 +18,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 _PIPELINE = textwrap.dedent("""
     import hashlib, json, sys
     from pathlib import Path
@@ -81,6 +83,8 @@ def _busy_loops() -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(max(2, os.cpu_count() or 2))]
 
 
+# Slow (about 3 CPU-minutes: the whole pipeline twice, once against busy loops): `make test-slow`; the default run stays within CI's 15 minutes.
+@pytest.mark.slow
 def test_pipeline_is_bit_identical_under_competing_cpu_load(tmp_path):
     quiet = _run_pipeline(tmp_path / "quiet")
     spinners = _busy_loops()

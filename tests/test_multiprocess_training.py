@@ -124,6 +124,8 @@ def test_two_process_evaluation_equals_one_process_evaluation(paths, reference, 
             assert got["two"][key] == value, key
 
 
+# Slow (four 2- and 1-process runs; two-process training and evaluation stay in the default run): `make test-slow`; the default run stays within CI's 15 minutes.
+@pytest.mark.slow
 def test_checkpoints_resume_on_another_process_count(paths, reference, tmp_path):
     ref_dir, (want, _) = reference
     # 1 -> 2: the one-process run's step-8 checkpoint, resumed by two processes.
@@ -177,6 +179,8 @@ def _stop_when(proc, workdir, at_least, sig, child=None):
             os.kill(pid, sig)
 
 
+# Slow (two 2-process runs and a resume): `make test-slow`; the default run stays within CI's 15 minutes.
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_step(paths, reference, tmp_path):
     _, (want, _) = reference
     workdir = tmp_path / "run"

@@ -103,6 +103,8 @@ def test_frozen_retriever_keeps_question_encoder(paths, tmp_path):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+# Slow (three training runs; resuming like an uninterrupted run is also tested in test_faults_checkpoint.py): `make test-slow`; the default run stays within CI's 15 minutes.
+@pytest.mark.slow
 def test_sigterm_then_resume_reproduces_losses(paths, tmp_path):
     cfg = tiny_config(paths, steps=6, global_batch_size=4)
     cfg.checkpoint.every = 2
